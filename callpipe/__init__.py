@@ -1,0 +1,1 @@
+"""callpipe: Roistat call-tracking webhooks to PostgreSQL rows and events, losing nothing."""

@@ -1,0 +1,5 @@
+import sys
+
+from callpipe.cli import main
+
+sys.exit(main())

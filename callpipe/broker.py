@@ -1,0 +1,153 @@
+"""RabbitMQ adapter: robust connections, the topology, and confirmed publishing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractRobustConnection,
+    HeadersType,
+)
+
+from schemas.topology import DELIVERY_LIMIT, Topology
+
+log = logging.getLogger(__name__)
+
+
+class PublishFailedError(Exception):
+    """The broker did not confirm the message: it may not be stored. Never answer 200."""
+
+
+def work_queue_arguments(topology: Topology) -> dict[str, Any]:
+    """Durable quorum queue, bounded redelivery, dead letters kept at least once."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": topology.dead_exchange,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
+    """Declare every exchange, queue and binding of the namespace. Idempotent."""
+    webhooks = await channel.declare_exchange(
+        topology.webhooks_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    await channel.declare_exchange(
+        topology.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    dead = await channel.declare_exchange(
+        topology.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead_queue = await channel.declare_queue(
+        topology.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_queue.bind(dead, routing_key="")
+    for name, binding_key in topology.work_queues.items():
+        queue = await channel.declare_queue(
+            name, durable=True, arguments=work_queue_arguments(topology)
+        )
+        await queue.bind(webhooks, routing_key=binding_key)
+
+
+async def delete_topology(channel: AbstractChannel, topology: Topology) -> None:
+    """Remove every object of the namespace (tests and `callpipe teardown`)."""
+    for name in [*topology.work_queues, topology.dead_queue]:
+        await channel.queue_delete(name)
+    for name in (topology.webhooks_exchange, topology.events_exchange, topology.dead_exchange):
+        await channel.exchange_delete(name)
+
+
+async def connect(
+    url: str, *, name: str, stop: asyncio.Event | None = None
+) -> AbstractRobustConnection:
+    """A robust connection, retried with backoff until the broker answers (or `stop` is set)."""
+    delay = 0.5
+    while True:
+        try:
+            return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            if stop is not None and stop.is_set():
+                raise
+            log.warning("broker not reachable (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+class ConfirmedPublisher:
+    """One long-lived channel with publisher confirms; concurrent publishes pipeline on it."""
+
+    def __init__(self, channel: AbstractChannel, timeout_s: float) -> None:
+        self._channel = channel
+        self._timeout_s = timeout_s
+        self._exchanges: dict[str, AbstractExchange] = {}
+
+    @classmethod
+    async def open(
+        cls, connection: AbstractRobustConnection, timeout_s: float
+    ) -> ConfirmedPublisher:
+        # on_return_raises: a returned (unroutable) mandatory message fails the publish.
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        return cls(channel, timeout_s)
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Mapping[str, Any] | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish a persistent message and wait for the broker's confirm, or raise."""
+        message = aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            content_type="application/json",
+            message_id=message_id,
+            headers=dict(headers or {}),
+        )
+        try:
+            # The deadline covers waiting for a reconnecting channel too, not just the confirm.
+            async with asyncio.timeout(self._timeout_s):
+                target = await self._exchange(exchange)
+                await target.publish(message, routing_key, mandatory=mandatory)
+        except TimeoutError as exc:
+            raise PublishFailedError(f"no confirm within {self._timeout_s:g}s") from exc
+        except Exception as exc:
+            raise PublishFailedError(f"{type(exc).__name__}: {exc}") from exc
+
+    @property
+    def is_open(self) -> bool:
+        return not self._channel.is_closed
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = await self._channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def close(self) -> None:
+        if not self._channel.is_closed:
+            await self._channel.close()
+
+
+def plain_headers(headers: HeadersType | None) -> dict[str, str]:
+    """AMQP headers with text values (bytes decoded), for reading ours back."""
+    result: dict[str, str] = {}
+    for key, value in (headers or {}).items():
+        if isinstance(value, bytes):
+            result[key] = value.decode("utf-8", "replace")
+        elif value is not None:
+            result[key] = str(value)
+    return result

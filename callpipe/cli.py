@@ -1,0 +1,93 @@
+"""The `callpipe` command: a thin dispatcher to the ingress, the workers and set-up."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from functools import partial
+
+import aio_pika
+from pydantic import ValidationError
+
+from callpipe.broker import declare_topology
+from callpipe.logs import setup_logging
+from callpipe.runner import Component, run, run_until_signalled, serve_ingress
+from callpipe.sample import send_sample
+from callpipe.settings import Settings
+from workers.service import migrate_database, run_worker
+
+log = logging.getLogger("callpipe")
+
+
+async def setup(settings: Settings) -> int:
+    """Declare the topology and migrate the database. Idempotent."""
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        await declare_topology(await connection.channel(), settings.topology)
+    print(f"topology of namespace {settings.namespace!r} declared")
+    applied = await migrate_database(settings)
+    print(f"database schema {settings.namespace!r}: applied {applied or 'nothing new'}")
+    return 0
+
+
+async def serve(components: list[Component]) -> int:
+    return await run_until_signalled(components)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="callpipe", description="Roistat call-tracking webhooks to PostgreSQL and events."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="ingress and both workers in one process (dev, small installs)")
+    commands.add_parser("ingress", help="the HTTP ingress")
+    worker = commands.add_parser("worker", help="a worker for one queue kind")
+    worker.add_argument("kind", choices=["start", "end"])
+    commands.add_parser("setup", help="declare the RabbitMQ topology, migrate the database")
+    sample = commands.add_parser("send-sample", help="post sample Roistat calls to an ingress")
+    sample.add_argument(
+        "--url",
+        required=True,
+        help="the webhook base URL, e.g. http://127.0.0.1:8080/roistat/TOKEN",
+    )
+    sample.add_argument("--calls", type=int, default=10, help="how many calls (default 10)")
+    sample.add_argument("--seed", type=int, default=None, help="random seed, for repeatable runs")
+    sample.add_argument(
+        "--duplicates", type=float, default=0.1, help="share of calls with a webhook sent twice"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    if args.command == "send-sample":
+        report = asyncio.run(
+            send_sample(args.url, args.calls, seed=args.seed, duplicate_ratio=args.duplicates)
+        )
+        print("\n".join(report.lines()))
+        return 0 if set(report.statuses) <= {"200"} else 1
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"callpipe: bad configuration:\n{exc}", file=sys.stderr)
+        return 2
+    if args.command == "setup":
+        return asyncio.run(setup(settings))
+    if args.command in ("run", "ingress") and not settings.project_by_token:
+        print("callpipe: CALLPIPE_TOKENS is empty: set it to project:token[,...]", file=sys.stderr)
+        return 2
+    components: list[Component] = []
+    if args.command in ("run", "ingress"):
+        components.append(partial(serve_ingress, settings))
+    if args.command == "run":
+        components += [partial(run_worker, settings, "start"), partial(run_worker, settings, "end")]
+    if args.command == "worker":
+        components.append(partial(run_worker, settings, args.kind))
+    return run(serve(components))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""All configuration, read once from `CALLPIPE_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.topology import Topology, validate_namespace
+
+
+class Settings(BaseSettings):
+    """Defaults suit a development machine with RabbitMQ and PostgreSQL on their standard ports."""
+
+    model_config = SettingsConfigDict(env_prefix="CALLPIPE_", frozen=True)
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    namespace: str = "callpipe"
+    tokens: str = Field(default="", description="project:token,... (a token maps to a project)")
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=65536, ge=1024)
+    roistat_tz: str = "Europe/Moscow"
+    default_region: str = "RU"
+    prefetch: int = Field(default=32, ge=1, le=10000)
+    publish_timeout_s: float = Field(default=5.0, gt=0)
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return validate_namespace(value)
+
+    @field_validator("roistat_tz")
+    @classmethod
+    def _time_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from exc
+        return value
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        if len(value) != 2 or not value.isalpha():
+            raise ValueError(f"{value!r} is not a two-letter region code such as RU")
+        return value.upper()
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens(cls, value: str) -> str:
+        parse_tokens(value)
+        return value
+
+    @cached_property
+    def topology(self) -> Topology:
+        return Topology(self.namespace)
+
+    @cached_property
+    def time_zone(self) -> ZoneInfo:
+        return ZoneInfo(self.roistat_tz)
+
+    @cached_property
+    def project_by_token(self) -> dict[str, str]:
+        return parse_tokens(self.tokens)
+
+
+def parse_tokens(spec: str) -> dict[str, str]:
+    """`project:token,...` → {token: project}; raises ValueError naming the bad entry."""
+    projects: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in spec.split(","))):
+        project, sep, token = entry.partition(":")
+        project, token = project.strip(), token.strip()
+        if not sep or not project or not token:
+            raise ValueError(f"token entry #{len(projects) + 1} must look like project:token")
+        if token in projects:
+            raise ValueError(f"a token is given twice (projects {projects[token]!r}, {project!r})")
+        projects[token] = project
+    return projects

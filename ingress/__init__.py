@@ -1,0 +1,1 @@
+"""The thin edge: accept Roistat webhooks and answer only once RabbitMQ has confirmed them."""

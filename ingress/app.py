@@ -1,0 +1,76 @@
+"""The ingress aiohttp application, built by one factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from callpipe.settings import Settings
+from ingress.auth import TokenMap
+from ingress.broker_link import BrokerLink
+from ingress.handlers import WebhookHandler, json_error
+from ingress.metrics import IngressMetrics
+
+BROKER = web.AppKey("broker", BrokerLink)
+METRICS = web.AppKey("metrics", IngressMetrics)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def count_and_explain(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every answer by route; give aiohttp's own errors (404, 405) a JSON body."""
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = json_error(exc.status, exc.reason.lower())
+    request.app[METRICS].requests.labels(route, str(response.status)).inc()
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[BROKER].is_ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "broker not connected"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def init_app(settings: Settings) -> web.Application:
+    """The ingress app; its broker connection opens on start-up and closes in cleanup."""
+    tokens = TokenMap(settings.project_by_token)
+    if not tokens:
+        raise ValueError("CALLPIPE_TOKENS is empty: set it to project:token[,project:token...]")
+    app = web.Application(middlewares=[count_and_explain])
+    broker = BrokerLink(settings.amqp_url, settings.topology, settings.publish_timeout_s)
+    app[BROKER] = broker
+    app[METRICS] = IngressMetrics()
+    handler = WebhookHandler(
+        tokens, broker, settings.topology, settings.max_body_bytes, app[METRICS]
+    )
+
+    async def broker_connection(app: web.Application) -> AsyncIterator[None]:
+        broker.start()
+        yield
+        # Cleanup runs after in-flight handlers have had their confirms.
+        await broker.close()
+
+    app.cleanup_ctx.append(broker_connection)
+    app.router.add_post("/roistat/{token}/call-start", handler.call_start)
+    app.router.add_post("/roistat/{token}/call-end", handler.call_end)
+    app.router.add_post("/roistat/{token}", handler.call_any)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app

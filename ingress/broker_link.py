@@ -1,0 +1,83 @@
+"""The ingress's one broker connection: connects in the background, never blocks start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from aio_pika.abc import AbstractRobustConnection
+
+from callpipe.broker import ConfirmedPublisher, PublishFailedError, connect, declare_topology
+from schemas.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class BrokerLink:
+    def __init__(self, amqp_url: str, topology: Topology, publish_timeout_s: float) -> None:
+        self._amqp_url = amqp_url
+        self._topology = topology
+        self._publish_timeout_s = publish_timeout_s
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: ConfirmedPublisher | None = None
+        self._connecting: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._connecting = asyncio.create_task(self._connect(), name="broker-connect")
+
+    async def wait_ready(self) -> None:
+        if self._connecting is not None:
+            await self._connecting
+
+    async def _connect(self) -> None:
+        try:
+            await self._open()
+        except Exception:
+            log.exception("ingress could not set up its broker link; /readyz stays 503")
+            raise
+
+    async def _open(self) -> None:
+        connection = await connect(self._amqp_url, name="callpipe-ingress")
+        self._connection = connection
+        channel = await connection.channel()
+        await declare_topology(channel, self._topology)
+        await channel.close()
+        self._publisher = await ConfirmedPublisher.open(connection, self._publish_timeout_s)
+        log.info("ingress connected to the broker")
+
+    @property
+    def is_ready(self) -> bool:
+        connection, publisher = self._connection, self._publisher
+        return (
+            connection is not None
+            and publisher is not None
+            and not connection.is_closed
+            and connection.connected.is_set()
+            and publisher.is_open
+        )
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        headers: Mapping[str, Any],
+    ) -> None:
+        if self._publisher is None:
+            raise PublishFailedError("not connected to the broker yet")
+        await self._publisher.publish(
+            exchange, routing_key, body, message_id=message_id, headers=headers
+        )
+
+    async def close(self) -> None:
+        if self._connecting is not None and not self._connecting.done():
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+        if self._connection is not None:
+            await self._connection.close()

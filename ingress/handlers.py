@@ -1,0 +1,171 @@
+"""The webhook handler: authenticate, check the body, publish it unchanged, answer."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from callpipe.broker import PublishFailedError
+from ingress.auth import TokenMap
+from ingress.broker_link import BrokerLink
+from ingress.metrics import IngressMetrics
+from schemas.roistat import InvalidWebhookError, call_id_of, detect_kind, read_webhook
+from schemas.topology import (
+    HEADER_KIND,
+    HEADER_PROJECT,
+    HEADER_RECEIVED_AT,
+    HEADER_REJECT_REASON,
+    HEADER_REMOTE_ADDR,
+    ROUTING_KEY_BY_KIND,
+    ROUTING_KEY_REJECTED,
+    Kind,
+    Topology,
+    event_id,
+)
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "5"
+
+# Bodies that are not JSON at all are 400; JSON of the wrong shape is 422.
+STATUS_BY_REASON = {"not_json": 400, "not_utf8": 400, "too_deep": 400}
+
+
+class BodyTooLargeError(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def json_error(status: int, message: str, **extra: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=extra or None)
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The whole body, or `BodyTooLargeError` as soon as it passes `limit` bytes."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLargeError(declared)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class WebhookHandler:
+    def __init__(
+        self,
+        tokens: TokenMap,
+        broker: BrokerLink,
+        topology: Topology,
+        max_body_bytes: int,
+        metrics: IngressMetrics,
+    ) -> None:
+        self._tokens = tokens
+        self._broker = broker
+        self._topology = topology
+        self._max_body_bytes = max_body_bytes
+        self._metrics = metrics
+
+    async def call_start(self, request: web.Request) -> web.Response:
+        return await self._accept(request, "start")
+
+    async def call_end(self, request: web.Request) -> web.Response:
+        return await self._accept(request, "end")
+
+    async def call_any(self, request: web.Request) -> web.Response:
+        return await self._accept(request, None)
+
+    async def _accept(self, request: web.Request, kind: Kind | None) -> web.Response:
+        project = self._tokens.project_for(request.match_info["token"])
+        if project is None:
+            return json_error(404, "not found")
+        try:
+            body = await read_limited(request, self._max_body_bytes)
+        except BodyTooLargeError as exc:
+            self._metrics.oversize.inc()
+            log.warning(
+                "rejected oversize body: %d bytes > %d, project %s, from %s",
+                exc.size,
+                self._max_body_bytes,
+                project,
+                request.remote,
+            )
+            return json_error(413, f"body is larger than the limit of {self._max_body_bytes} bytes")
+        headers = {
+            HEADER_PROJECT: project,
+            HEADER_RECEIVED_AT: datetime.now(UTC).isoformat(),
+            HEADER_REMOTE_ADDR: request.remote or "",
+        }
+        try:
+            document = read_webhook(body)
+        except InvalidWebhookError as exc:
+            return await self._reject(body, headers, kind, exc)
+        kind = kind or detect_kind(document)
+        call_id = call_id_of(document["id"])
+        assert call_id is not None  # read_webhook guarantees a usable id
+        accepted_id = event_id(project, call_id, kind)
+        headers[HEADER_KIND] = kind
+        if not await self._publish(
+            self._topology.webhooks_exchange, ROUTING_KEY_BY_KIND[kind], body, accepted_id, headers
+        ):
+            return self._unavailable()
+        return web.json_response({"accepted": True, "event_id": accepted_id})
+
+    async def _reject(
+        self, body: bytes, headers: dict[str, str], kind: Kind | None, exc: InvalidWebhookError
+    ) -> web.Response:
+        """Answer the error, but keep the body in `{ns}.rejected` for a human to look at."""
+        headers[HEADER_REJECT_REASON] = exc.reason
+        if kind is not None:
+            headers[HEADER_KIND] = kind
+        message_id = f"{headers[HEADER_PROJECT]}:rejected:{uuid.uuid4().hex}"
+        if not await self._publish(
+            self._topology.webhooks_exchange, ROUTING_KEY_REJECTED, body, message_id, headers
+        ):
+            return self._unavailable()
+        self._metrics.rejected.labels(exc.reason).inc()
+        log.info(
+            "rejected body (%s), project %s, from %s, kept in %s",
+            exc.reason,
+            headers[HEADER_PROJECT],
+            headers[HEADER_REMOTE_ADDR],
+            self._topology.rejected_queue,
+        )
+        return json_error(STATUS_BY_REASON.get(exc.reason, 422), exc.message)
+
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str,
+        headers: dict[str, str],
+    ) -> bool:
+        started = time.perf_counter()
+        try:
+            await self._broker.publish(
+                exchange, routing_key, body, message_id=message_id, headers=headers
+            )
+        except PublishFailedError as exc:
+            self._metrics.publish_seconds.labels("failed").observe(time.perf_counter() - started)
+            log.error("publish of %s failed, answering 503: %s", message_id, exc)
+            return False
+        self._metrics.publish_seconds.labels("confirmed").observe(time.perf_counter() - started)
+        return True
+
+    @staticmethod
+    def _unavailable() -> web.Response:
+        return json_error(
+            503,
+            "the message broker did not confirm the webhook; retry later",
+            **{"Retry-After": RETRY_AFTER_S},
+        )

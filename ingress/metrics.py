@@ -1,0 +1,34 @@
+"""Prometheus metrics of one ingress app (own registry, so apps in one process don't clash)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class IngressMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "callpipe_ingress_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.publish_seconds = Histogram(
+            "callpipe_ingress_publish_seconds",
+            "Time from publish to broker confirm",
+            ["outcome"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "callpipe_ingress_rejected",
+            "Authenticated bodies rejected, by reason (published to {ns}.rejected)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.oversize = Counter(
+            "callpipe_ingress_oversize",
+            "Bodies over MAX_BODY_BYTES, answered 413 and not published",
+            registry=self.registry,
+        )

@@ -1,0 +1,1 @@
+"""The contract shared by the ingress, the workers and downstream subscribers."""

@@ -1,0 +1,19 @@
+"""JSON in one place: orjson for speed, strict about what counts as JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+JSONDecodeError = orjson.JSONDecodeError
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON; raises `JSONDecodeError` (a `ValueError`) on anything that is not JSON."""
+    return orjson.loads(data)
+
+
+def dumps(value: Any) -> bytes:
+    """Serialise to compact UTF-8 JSON; datetimes become RFC 3339 strings."""
+    return orjson.dumps(value, option=orjson.OPT_UTC_Z)

@@ -1,0 +1,96 @@
+"""Names of every exchange, queue, routing key and header, derived from the namespace."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["start", "end"]
+KINDS: tuple[Kind, ...] = ("start", "end")
+
+ROUTING_KEY_BY_KIND: dict[Kind, str] = {
+    "start": "roistat.call.start",
+    "end": "roistat.call.end",
+}
+ROUTING_KEY_REJECTED = "roistat.rejected"
+
+HEADER_PROJECT = "x-callpipe-project"
+HEADER_KIND = "x-callpipe-kind"
+HEADER_RECEIVED_AT = "x-callpipe-received-at"
+HEADER_REMOTE_ADDR = "x-callpipe-remote-addr"
+HEADER_REJECT_REASON = "x-callpipe-reject-reason"
+HEADER_ERROR = "x-callpipe-error"
+
+# RabbitMQ 3.x quorum queues have no delivery limit unless one is set; 4.x defaults to 20.
+DELIVERY_LIMIT = 20
+
+_NAMESPACE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+
+
+class InvalidNamespaceError(ValueError):
+    """The namespace cannot name both RabbitMQ objects and a PostgreSQL schema."""
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return the namespace if it is usable as a queue prefix and a schema name."""
+    if not _NAMESPACE.match(namespace):
+        raise InvalidNamespaceError(
+            f"namespace {namespace!r} must be 1-48 characters of a-z, 0-9 and _, "
+            "starting with a letter"
+        )
+    return namespace
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The RabbitMQ objects of one namespace (`CALLPIPE_NAMESPACE`)."""
+
+    namespace: str
+
+    def __post_init__(self) -> None:
+        validate_namespace(self.namespace)
+
+    @property
+    def webhooks_exchange(self) -> str:
+        return f"{self.namespace}.webhooks"
+
+    @property
+    def events_exchange(self) -> str:
+        return f"{self.namespace}.events"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.namespace}.dead"
+
+    @property
+    def rejected_queue(self) -> str:
+        return f"{self.namespace}.rejected"
+
+    def call_queue(self, kind: Kind) -> str:
+        return f"{self.namespace}.call-{kind}"
+
+    @property
+    def work_queues(self) -> dict[str, str]:
+        """Each queue the ingress feeds, with the binding key that feeds it."""
+        return {
+            self.call_queue("start"): "*.call.start",
+            self.call_queue("end"): "*.call.end",
+            self.rejected_queue: "*.rejected",
+        }
+
+
+def event_routing_key(event_type: str, outcome: str | None) -> str:
+    """`call.started`, or `call.ended.<outcome>` for a call end."""
+    if event_type == "call.started":
+        return "call.started"
+    return f"call.ended.{outcome or 'unknown'}"
+
+
+def event_id(project: str, call_id: str, kind: Kind) -> str:
+    """The idempotency key of one webhook: `{project}:{call_id}:{kind}`."""
+    return f"{project}:{call_id}:{kind}"

@@ -1,0 +1,146 @@
+"""The consume loop: one place decides ack, retry or dead-letter for every delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from callpipe.broker import ConfirmedPublisher, PublishFailedError, plain_headers
+from schemas import codec
+from schemas.topology import HEADER_ERROR, Kind, Topology
+from workers.delivery import decode_delivery
+from workers.errors import Action, RetryPolicy, TransientError, backoff_delay, decide
+from workers.events import routing_key_of
+from workers.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+class AmqpEventPublisher:
+    """Events go to `{ns}.events`; no subscriber yet is fine, so not mandatory."""
+
+    def __init__(self, publisher: ConfirmedPublisher, topology: Topology) -> None:
+        self._publisher = publisher
+        self._topology = topology
+
+    async def publish_event(self, event: dict[str, Any]) -> None:
+        try:
+            await self._publisher.publish(
+                self._topology.events_exchange,
+                routing_key_of(event),
+                codec.dumps(event),
+                message_id=str(event["event_id"]),
+                mandatory=False,
+            )
+        except PublishFailedError as exc:
+            raise TransientError(f"event not confirmed: {exc}") from exc
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Keep a message that can never be processed in `{ns}.dead`, with the reason."""
+        headers = {**(message.headers or {}), HEADER_ERROR: reason[:1000]}
+        try:
+            await self._publisher.publish(
+                self._topology.dead_exchange,
+                message.routing_key or "",
+                message.body,
+                message_id=message.message_id or "",
+                headers=headers,
+            )
+        except PublishFailedError as exc:
+            raise TransientError(f"dead letter not confirmed: {exc}") from exc
+
+
+class CallConsumer:
+    """Consumes one call queue, up to `prefetch` deliveries at a time."""
+
+    def __init__(
+        self,
+        queue: AbstractQueue,
+        kind: Kind,
+        pipeline: Pipeline,
+        publisher: AmqpEventPublisher,
+        policy: RetryPolicy,
+    ) -> None:
+        self._queue = queue
+        self._kind = kind
+        self._pipeline = pipeline
+        self._publisher = publisher
+        self._policy = policy
+        self._stopping = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._random = random.Random()
+
+    async def run(self, stop: asyncio.Event, shutdown_timeout_s: float) -> None:
+        """Consume until `stop` is set, then finish (and ack) what is in flight."""
+        tag = await self._queue.consume(self._on_message)
+        log.info("worker %s consuming %s", self._kind, self._queue.name)
+        await stop.wait()
+        await self._queue.cancel(tag)
+        self._stopping.set()
+        if self._in_flight:
+            log.info(
+                "worker %s finishing %d in-flight deliveries", self._kind, len(self._in_flight)
+            )
+            await asyncio.wait(set(self._in_flight), timeout=shutdown_timeout_s)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            await self._handle(message)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        failures = 0
+        while True:
+            error: Exception | None = None
+            try:
+                webhook = decode_delivery(message.body, plain_headers(message.headers), self._kind)
+                await self._pipeline.process(webhook)
+            except Exception as exc:
+                error = exc
+                failures += 1
+            action = decide(error, failures, self._policy)
+            if action is Action.DEAD_LETTER and error is not None:
+                action = await self._dead_letter(message, error)
+            if action is Action.ACK:
+                await _settle(message.ack())
+                return
+            log.warning(
+                "delivery %s failed (attempt %d), retrying: %s",
+                message.message_id,
+                failures,
+                error,
+                exc_info=not isinstance(error, TransientError),
+            )
+            if self._stopping.is_set():
+                # Shutting down: hand it back to the broker for another worker.
+                await _settle(message.nack(requeue=True))
+                return
+            delay = backoff_delay(failures, self._policy, self._random)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, error: Exception) -> Action:
+        reason = f"{type(error).__name__}: {error}"
+        try:
+            await self._publisher.dead_letter(message, reason)
+        except TransientError:
+            return Action.RETRY
+        log.error("delivery %s dead-lettered: %s", message.message_id, reason)
+        return Action.ACK
+
+
+async def _settle(settlement: Any) -> None:
+    """Ack or nack; after a reconnect the delivery tag is stale and the broker redelivers."""
+    try:
+        await settlement
+    except Exception as exc:
+        log.warning("could not settle delivery (the broker will redeliver it): %s", exc)

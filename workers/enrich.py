@@ -1,0 +1,82 @@
+"""Turn a lenient Roistat payload into the normalized fields of a call. Pure: no I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from schemas.events import CallFields
+from schemas.roistat import CallEndPayload
+from workers.outcome import is_missed, outcome_for
+from workers.phones import normalize_phone
+
+_EPOCH_MIN = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
+
+
+def parse_call_time(value: str | None, tz: ZoneInfo) -> datetime | None:
+    """Roistat's `date` (`YYYY-MM-DD HH:MM:SS` in the project's time zone) as UTC.
+
+    Drift is accepted: an ISO 8601 time with its own offset keeps it, and a Unix
+    timestamp in seconds is read as such. Anything unreadable is None.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        if seconds < _EPOCH_MIN:
+            return None
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=tz)
+    return moment.astimezone(UTC)
+
+
+def enrich(payload: CallEndPayload, *, region: str, tz: ZoneInfo) -> CallFields:
+    """The call fields this webhook knows, normalized; repeat-caller fields are left to storage."""
+    caller = normalize_phone(payload.caller, region)
+    callee = normalize_phone(payload.callee, region)
+    outcome = outcome_for(payload.status)
+    return CallFields(
+        call_id=payload.id,
+        caller=caller.e164 if caller else None,
+        callee=callee.e164 if callee else None,
+        called_at=parse_call_time(payload.date, tz),
+        status=payload.status,
+        outcome=outcome,
+        duration_s=payload.duration,
+        is_missed=is_missed(outcome),
+        recording_url=payload.link,
+        file_id=payload.file_id,
+        visit_id=payload.visit_id,
+        order_id=payload.order_id,
+        marker=payload.marker,
+        source_level_1=payload.source_level_1,
+        source_level_2=payload.source_level_2,
+        utm_source=payload.utm_source,
+        utm_medium=payload.utm_medium,
+        utm_campaign=payload.utm_campaign,
+        utm_term=payload.utm_term,
+        utm_content=payload.utm_content,
+        landing_page=payload.landing_page,
+        domain=payload.domain,
+        referrer=payload.referrer,
+        city=payload.city,
+        country=payload.country,
+        ip=payload.ip,
+        google_client_id=payload.google_client_id,
+        metrika_client_id=payload.metrika_client_id,
+        custom_fields=payload.custom_fields,
+        caller_region=caller.region if caller else None,
+        caller_carrier=caller.carrier if caller else None,
+    )

@@ -1,0 +1,214 @@
+"""PostgreSQL adapter: claim a webhook once, merge its call row, publish its event once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import asyncpg
+
+from schemas import codec
+from schemas.events import CallEvent, CallFields
+from workers.delivery import ReceivedWebhook
+from workers.errors import PermanentError, TransientError
+
+# Columns merged per the rule: a non-empty value from the call end wins over the call
+# start; otherwise the first non-empty value stays. Order independent by construction.
+MERGED_COLUMNS: dict[str, str] = {
+    "caller": "text",
+    "callee": "text",
+    "called_at": "timestamptz",
+    "status": "text",
+    "outcome": "text",
+    "duration_s": "integer",
+    "is_missed": "boolean",
+    "recording_url": "text",
+    "file_id": "text",
+    "visit_id": "text",
+    "order_id": "text",
+    "marker": "text",
+    "source_level_1": "text",
+    "source_level_2": "text",
+    "utm_source": "text",
+    "utm_medium": "text",
+    "utm_campaign": "text",
+    "utm_term": "text",
+    "utm_content": "text",
+    "landing_page": "text",
+    "domain": "text",
+    "referrer": "text",
+    "city": "text",
+    "country": "text",
+    "ip": "text",
+    "google_client_id": "text",
+    "metrika_client_id": "text",
+    "custom_fields": "jsonb",
+    "caller_region": "text",
+    "caller_carrier": "text",
+}
+
+REPEAT_WINDOW = "30 days"
+
+
+def _upsert_calls_sql() -> str:
+    names = list(MERGED_COLUMNS)
+    # $1 project, $2 call_id, $3 is_end, $4 received_at, then the merged columns.
+    values = [f"${i}::{MERGED_COLUMNS[name]}" for i, name in enumerate(names, start=5)]
+    caller, called_at = values[names.index("caller")], values[names.index("called_at")]
+    merges = ",\n    ".join(
+        f"{name} = CASE WHEN $3 THEN COALESCE(EXCLUDED.{name}, c.{name})"
+        f" ELSE COALESCE(c.{name}, EXCLUDED.{name}) END"
+        for name in names
+    )
+    return f"""
+INSERT INTO calls AS c (project, call_id, {", ".join(names)},
+    start_received_at, end_received_at, previous_calls, is_repeat_caller)
+SELECT $1::text, $2::text, {", ".join(values)},
+    CASE WHEN $3 THEN NULL ELSE $4::timestamptz END,
+    CASE WHEN $3 THEN $4::timestamptz END,
+    earlier.n, earlier.n > 0
+FROM (
+    SELECT count(*)::int AS n FROM calls e
+    WHERE e.project = $1 AND e.caller = {caller} AND e.call_id <> $2
+      AND e.called_at >= {called_at} - interval '{REPEAT_WINDOW}' AND e.called_at < {called_at}
+) AS earlier
+ON CONFLICT (project, call_id) DO UPDATE SET
+    {merges},
+    start_received_at = COALESCE(c.start_received_at, EXCLUDED.start_received_at),
+    end_received_at = COALESCE(c.end_received_at, EXCLUDED.end_received_at),
+    updated_at = now()
+RETURNING previous_calls, is_repeat_caller
+"""
+
+
+UPSERT_CALLS = _upsert_calls_sql()
+
+CLAIM_EVENT = """
+INSERT INTO call_events (event_id, project, call_id, kind, received_at, payload)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+
+SET_EVENT = "UPDATE call_events SET event = $2 WHERE event_id = $1"
+
+LOCK_UNPUBLISHED = """
+SELECT event FROM call_events
+WHERE event_id = $1 AND published_at IS NULL AND event IS NOT NULL
+FOR UPDATE
+"""
+
+MARK_PUBLISHED = "UPDATE call_events SET published_at = now() WHERE event_id = $1"
+
+EventRenderer = Callable[[CallFields], CallEvent]
+EventSender = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class CallStore(Protocol):
+    """The storage port the pipeline needs."""
+
+    async def record(
+        self, webhook: ReceivedWebhook, call: CallFields, render: EventRenderer
+    ) -> bool: ...
+
+    async def publish_pending(self, event_id: str, send: EventSender) -> bool: ...
+
+
+# Connection trouble and conflicts that a retry resolves.
+_TRANSIENT = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.TransactionRollbackError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda value: codec.dumps(value).decode(),
+        decoder=codec.loads,
+        schema="pg_catalog",
+    )
+
+
+async def create_pool(database_url: str, namespace: str, max_size: int) -> asyncpg.Pool:
+    """A lazy pool: no connection is opened until one is needed, so start-up never fails."""
+    return await asyncpg.create_pool(
+        database_url,
+        min_size=0,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings={"search_path": f'"{namespace}"', "application_name": "callpipe-worker"},
+        command_timeout=30,
+    )
+
+
+class PostgresCallStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def record(
+        self, webhook: ReceivedWebhook, call: CallFields, render: EventRenderer
+    ) -> bool:
+        """Claim the webhook's event id and merge its call row, atomically.
+
+        False when the id was already claimed (a duplicate or a redelivery): nothing changes.
+        """
+        async with self._transaction() as conn:
+            claimed = await conn.fetchval(
+                CLAIM_EVENT,
+                webhook.event_id,
+                webhook.project,
+                webhook.call_id,
+                webhook.kind,
+                webhook.received_at,
+                webhook.document,
+            )
+            if claimed is None:
+                return False
+            row = await conn.fetchrow(
+                UPSERT_CALLS,
+                webhook.project,
+                webhook.call_id,
+                webhook.kind == "end",
+                webhook.received_at,
+                *(getattr(call, name) for name in MERGED_COLUMNS),
+            )
+            assert row is not None
+            known = call.model_copy(
+                update={
+                    "previous_calls": row["previous_calls"],
+                    "is_repeat_caller": row["is_repeat_caller"],
+                }
+            )
+            await conn.execute(SET_EVENT, webhook.event_id, render(known).to_json_dict())
+            return True
+
+    async def publish_pending(self, event_id: str, send: EventSender) -> bool:
+        """Send the stored event unless already published, holding its row lock meanwhile."""
+        async with self._transaction() as conn:
+            event = await conn.fetchval(LOCK_UNPUBLISHED, event_id)
+            if event is None:
+                return False
+            await send(event)
+            await conn.execute(MARK_PUBLISHED, event_id)
+            return True
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield conn
+        except _TRANSIENT as exc:
+            raise TransientError(f"database: {type(exc).__name__}: {exc}") from exc
+        except asyncpg.DataError as exc:
+            raise PermanentError(f"database refused the data: {exc}") from exc
+        except asyncio.CancelledError:
+            raise
