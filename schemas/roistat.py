@@ -16,8 +16,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 from schemas import codec
 from schemas.topology import Kind
 
-# orjson refuses deeper documents anyway; this names the limit in our own error.
-MAX_NESTING = 1024
+# orjson reads 1024 levels but writes only 254, and a worker writes the payload again
+# (jsonb, and as `raw` inside the event envelope): refuse at the door what it cannot store.
+MAX_NESTING = 128
 
 
 class InvalidWebhookError(ValueError):
@@ -53,6 +54,8 @@ def read_webhook(body: bytes) -> dict[str, Any]:
         document = codec.loads(body)
     except codec.JSONDecodeError as exc:
         raise _decode_error(body, exc) from exc
+    if _nests_deeper_than(document, MAX_NESTING):
+        raise InvalidWebhookError("too_deep", f"body nests JSON deeper than {MAX_NESTING} levels")
     if not isinstance(document, dict):
         raise InvalidWebhookError(
             "not_object", f"body must be a JSON object, got a JSON {_json_type(document)}"
@@ -62,6 +65,23 @@ def read_webhook(body: bytes) -> dict[str, Any]:
             "missing_id", 'body has no usable "id": it must be a non-empty string or a number'
         )
     return document
+
+
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _decode_error(body: bytes, exc: ValueError) -> InvalidWebhookError:

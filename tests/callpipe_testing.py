@@ -1,0 +1,116 @@
+"""Test helpers: waiting on conditions, and a TCP proxy that plays a failing network."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[T]], *, timeout: float = 15.0, what: str = "condition"
+) -> T:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await condition()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a service; a test can cut, freeze or restore the link.
+
+    The real broker and database stay untouched: only this test's path to them fails.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target_host = target_host
+        self.target_port = target_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._held: list[bytes] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", self.port, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        """The service is gone: refuse new connections and drop the open ones."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for link in list(self._links):
+            link.cancel()
+        await asyncio.gather(*self._links, return_exceptions=True)
+
+    async def restore(self) -> None:
+        self._flowing.set()
+        if self._server is None:
+            await self.start()
+
+    def freeze(self) -> None:
+        """Connections stay open but nothing gets through (a hung peer)."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    def held(self, marker: bytes) -> int:
+        """How many times `marker` occurs in the data read but not yet passed on."""
+        return b"".join(self._held).count(marker)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._links.add(task)
+        upstream_writer: asyncio.StreamWriter | None = None
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(
+                self.target_host, self.target_port
+            )
+            await asyncio.gather(
+                self._pump(reader, upstream_writer), self._pump(upstream_reader, writer)
+            )
+        except (OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # cancelled by cut(): the link is simply gone
+        finally:
+            self._links.discard(task)
+            for w in (writer, upstream_writer):
+                if w is not None:
+                    w.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read eagerly, write only while flowing: frozen data piles up where `held` sees it."""
+        pending: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def read() -> None:
+            while data := await reader.read(65536):
+                self._held.append(data)
+                await pending.put(data)
+            await pending.put(b"")
+
+        reading = asyncio.create_task(read())
+        try:
+            while data := await pending.get():
+                await self._flowing.wait()
+                self._held.remove(data)
+                writer.write(data)
+                await writer.drain()
+            with contextlib.suppress(OSError):
+                writer.write_eof()
+        finally:
+            reading.cancel()

@@ -1,0 +1,245 @@
+"""The ingress against the real broker: what a 200 means, and every way to get something else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aiohttp.test_utils import TestClient
+from callpipe_testing import wait_for
+
+from callpipe.broker import plain_headers
+from callpipe.settings import Settings
+from schemas import codec
+from schemas.topology import Topology
+
+Client = TestClient[Any, Any]
+
+CALL = {
+    "id": "100500",
+    "caller": "79990009911",
+    "callee": "74951234567",
+    "date": "2026-11-25 10:00:00",
+    "city": "Москва",
+}
+
+
+async def drain(amqp: AbstractRobustConnection, queue_name: str) -> list[AbstractIncomingMessage]:
+    """Every message now in a queue (acked, so the queue is left empty)."""
+    found = []
+    async with amqp.channel() as channel:
+        queue = await channel.get_queue(queue_name)
+        while (message := await queue.get(fail=False)) is not None:
+            await message.ack()
+            found.append(message)
+    return found
+
+
+async def test_valid_call_start_is_confirmed_and_queued_unchanged(
+    client: Client, settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    body = codec.dumps(CALL)
+    response = await client.post("/roistat/tok-acme/call-start", data=body)
+    assert response.status == 200
+    assert await response.json() == {"accepted": True, "event_id": "acme:100500:start"}
+
+    [message] = await drain(amqp, settings.topology.call_queue("start"))
+    assert message.body == body
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.message_id == "acme:100500:start"
+    headers = plain_headers(message.headers)
+    assert headers["x-callpipe-project"] == "acme"
+    assert headers["x-callpipe-kind"] == "start"
+    assert headers["x-callpipe-received-at"].endswith("+00:00")
+    assert headers["x-callpipe-remote-addr"] == "127.0.0.1"
+    assert await drain(amqp, settings.topology.call_queue("end")) == []
+
+
+async def test_call_end_goes_to_the_call_end_queue_whatever_the_content_type(
+    client: Client, settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    body = codec.dumps({**CALL, "status": "ANSWER", "duration": "35"})
+    response = await client.post(
+        "/roistat/tok-beta/call-end", data=body, headers={"Content-Type": "text/plain"}
+    )
+    assert response.status == 200
+    [message] = await drain(amqp, settings.topology.call_queue("end"))
+    assert message.body == body
+    assert plain_headers(message.headers)["x-callpipe-project"] == "beta"
+
+
+@pytest.mark.parametrize(
+    ("extra", "queue_kind", "kind"),
+    [
+        ({}, "start", "start"),
+        ({"status": None, "duration": None}, "start", "start"),
+        ({"status": "NOANSWER"}, "end", "end"),
+        ({"duration": 0}, "end", "end"),
+    ],
+)
+async def test_single_url_detects_the_kind(
+    client: Client,
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    extra: dict[str, Any],
+    queue_kind: str,
+    kind: str,
+) -> None:
+    response = await client.post("/roistat/tok-acme", data=codec.dumps({**CALL, **extra}))
+    assert response.status == 200
+    assert (await response.json())["event_id"] == f"acme:100500:{kind}"
+    [message] = await drain(amqp, settings.topology.call_queue(queue_kind))  # type: ignore[arg-type]
+    assert plain_headers(message.headers)["x-callpipe-kind"] == kind
+
+
+async def test_unknown_token_is_404_with_no_hint_and_nothing_published(
+    client: Client, settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    response = await client.post("/roistat/tok-acmf/call-start", data=codec.dumps(CALL))
+    assert response.status == 404
+    assert await response.json() == {"error": "not found"}
+    for queue in settings.topology.work_queues:
+        assert await drain(amqp, queue) == []
+
+
+async def test_oversize_body_is_413_counted_and_not_published(
+    client: Client, settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    big = codec.dumps({**CALL, "custom_fields": {"blob": "x" * settings.max_body_bytes}})
+    response = await client.post("/roistat/tok-acme/call-start", data=big)
+    assert response.status == 413
+    assert "65536" in (await response.json())["error"]
+    for queue in settings.topology.work_queues:
+        assert await drain(amqp, queue) == []
+    metrics = await (await client.get("/metrics")).text()
+    assert "callpipe_ingress_oversize_total 1.0" in metrics
+
+
+async def test_oversize_chunked_body_without_content_length_is_413(client: Client) -> None:
+    async def chunks() -> Any:
+        for _ in range(100):
+            yield b"x" * 1024
+
+    response = await client.post("/roistat/tok-acme/call-start", data=chunks())
+    assert response.status == 413
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason", "says"),
+    [
+        (b"", 400, "not_json", "empty"),
+        (b"id=100500&caller=7999", 400, "not_json", "not JSON"),
+        (b'{"id": "1", "city": "\xff\xfe"}', 400, "not_utf8", "UTF-8"),
+        (b"[" * 3000 + b"]" * 3000, 400, "too_deep", "deeper"),
+        (b'[{"id": "1"}]', 422, "not_object", "array"),
+        (b'"just text"', 422, "not_object", "string"),
+        (b'{"caller": "79990009911"}', 422, "missing_id", '"id"'),
+        (b'{"id": ""}', 422, "missing_id", '"id"'),
+        (b'{"id": true}', 422, "missing_id", '"id"'),
+    ],
+)
+async def test_rejected_body_gets_a_json_error_and_is_kept_in_rejected(
+    client: Client,
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    body: bytes,
+    status: int,
+    reason: str,
+    says: str,
+) -> None:
+    response = await client.post("/roistat/tok-acme/call-end", data=body)
+    assert response.status == status
+    assert says in (await response.json())["error"]
+
+    [kept] = await drain(amqp, settings.topology.rejected_queue)
+    assert kept.body == body
+    headers = plain_headers(kept.headers)
+    assert headers["x-callpipe-reject-reason"] == reason
+    assert headers["x-callpipe-project"] == "acme"
+    assert headers["x-callpipe-kind"] == "end"
+    assert await drain(amqp, settings.topology.call_queue("end")) == []
+
+
+async def test_unroutable_webhook_is_503_never_200(
+    client: Client, settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    async with amqp.channel() as channel:
+        await channel.queue_delete(settings.topology.call_queue("start"))
+    response = await client.post("/roistat/tok-acme/call-start", data=codec.dumps(CALL))
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "5"
+    assert "retry" in (await response.json())["error"]
+    # The path that still routes keeps working on the same channel.
+    response = await client.post("/roistat/tok-acme/call-end", data=codec.dumps(CALL))
+    assert response.status == 200
+
+
+async def test_nacked_publish_is_503_and_every_200_is_queued(
+    client: Client, settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    """A full queue (x-overflow=reject-publish) nacks: only stored webhooks may get a 200."""
+    topology: Topology = settings.topology
+    async with amqp.channel() as channel:
+        await channel.queue_delete(topology.call_queue("start"))
+        full = await channel.declare_queue(
+            topology.call_queue("start"),
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "reject-publish"},
+        )
+        await full.bind(topology.webhooks_exchange, "*.call.start")
+    statuses = []
+    for n in range(4):
+        body = codec.dumps({**CALL, "id": str(n)})
+        statuses.append((await client.post("/roistat/tok-acme/call-start", data=body)).status)
+    assert 503 in statuses
+    queued = await drain(amqp, topology.call_queue("start"))
+    assert len(queued) == statuses.count(200)
+
+
+async def test_health_ready_and_metrics(client: Client) -> None:
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 200
+    await client.post("/roistat/tok-acme/call-start", data=codec.dumps(CALL))
+    await client.post("/roistat/nope/call-start", data=codec.dumps(CALL))
+    text = await (await client.get("/metrics")).text()
+    assert (
+        'callpipe_ingress_requests_total{route="/roistat/{token}/call-start",status="200"} 1.0'
+        in text
+    )
+    assert 'status="404"' in text
+    assert "tok-acme" not in text
+    assert 'callpipe_ingress_publish_seconds_count{outcome="confirmed"} 1.0' in text
+
+
+async def test_wrong_method_and_unknown_path_answer_json(client: Client) -> None:
+    response = await client.get("/roistat/tok-acme/call-start")
+    assert response.status == 405
+    assert "error" in await response.json()
+    response = await client.post("/nowhere")
+    assert response.status == 404
+    assert "error" in await response.json()
+
+
+async def test_concurrent_webhooks_each_get_their_own_confirm(
+    client: Client, settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    import asyncio
+
+    bodies = [codec.dumps({**CALL, "id": str(n)}) for n in range(200)]
+    responses = await asyncio.gather(
+        *(client.post("/roistat/tok-acme/call-start", data=body) for body in bodies)
+    )
+    assert [r.status for r in responses] == [200] * 200
+
+    async def all_queued() -> list[AbstractIncomingMessage]:
+        async with amqp.channel() as channel:
+            queue = await channel.declare_queue(
+                settings.topology.call_queue("start"), passive=True
+            )
+            count = queue.declaration_result.message_count
+        return await drain(amqp, settings.topology.call_queue("start")) if count == 200 else []
+
+    queued = await wait_for(all_queued, what="200 messages queued")
+    assert sorted(m.body for m in queued) == sorted(bodies)
