@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     default_region: str = "RU"
     prefetch: int = Field(default=32, ge=1, le=10000)
     publish_timeout_s: float = Field(default=5.0, gt=0)
-    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    shutdown_timeout_s: float = Field(default=20.0, gt=0)
 
     @field_validator("namespace")
     @classmethod
