@@ -20,6 +20,8 @@ from schemas.topology import Kind
 # (jsonb, and as `raw` inside the event envelope): refuse at the door what it cannot store.
 MAX_NESTING = 128
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
 
 class InvalidWebhookError(ValueError):
     """A body that can never become a call: `reason` is a short machine-readable code."""
@@ -51,7 +53,8 @@ def call_id_of(value: Any) -> str | None:
 def read_webhook(body: bytes) -> dict[str, Any]:
     """Decode a webhook body: a JSON object with a usable `id`, or `InvalidWebhookError`."""
     try:
-        document = codec.loads(body)
+        # Some senders prefix UTF-8 with a byte-order mark; it is not part of the JSON.
+        document = codec.loads(body.removeprefix(UTF8_BOM))
     except codec.JSONDecodeError as exc:
         raise _decode_error(body, exc) from exc
     if _nests_deeper_than(document, MAX_NESTING):
@@ -111,7 +114,7 @@ def detect_kind(document: dict[str, Any]) -> Kind:
     """For `POST /roistat/{token}`: a body with a non-null `status` or `duration` ends a call."""
     for field in ("status", "duration"):
         value = document.get(field)
-        if value is not None and value != "":
+        if value is not None and not (isinstance(value, str) and not value.strip()):
             return "end"
     return "start"
 
@@ -147,7 +150,7 @@ def _whole_number(value: Any) -> int | None:
     if isinstance(value, int):
         return value if value >= 0 else None
     if isinstance(value, float) and math.isfinite(value) and value >= 0:
-        return round(value)
+        return math.floor(value + 0.5)  # half up: 34.5 s is 35 s, not banker's 34
     return None
 
 

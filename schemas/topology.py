@@ -34,7 +34,7 @@ class InvalidNamespaceError(ValueError):
 
 def validate_namespace(namespace: str) -> str:
     """Return the namespace if it is usable as a queue prefix and a schema name."""
-    if not _NAMESPACE.match(namespace):
+    if not _NAMESPACE.fullmatch(namespace):  # `$` alone would let a trailing newline in
         raise InvalidNamespaceError(
             f"namespace {namespace!r} must be 1-48 characters of a-z, 0-9 and _, "
             "starting with a letter"

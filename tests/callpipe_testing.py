@@ -12,17 +12,17 @@ T = TypeVar("T")
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[T]], *, timeout: float = 15.0, what: str = "condition"
+    condition: Callable[[], Awaitable[T | None]], *, seconds: float = 15.0, what: str = "condition"
 ) -> T:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    """Poll `condition` until it returns something truthy; fail after `seconds`."""
+    deadline = time.monotonic() + seconds
     last: T | None = None
     while time.monotonic() < deadline:
         last = await condition()
         if last:
             return last
         await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+    raise AssertionError(f"timed out after {seconds}s waiting for {what} (last value: {last!r})")
 
 
 class TcpProxy:

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +62,9 @@ def services() -> Iterator[Services]:
         return
     yield Services(
         os.environ.get("CALLPIPE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
-        os.environ.get("CALLPIPE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        os.environ.get(
+            "CALLPIPE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
     )
 
 
@@ -194,8 +195,8 @@ async def subscribe(
     amqp: AbstractRobustConnection,
 ) -> AsyncIterator[Callable[[str, str], Any]]:
     """`await subscribe(exchange, binding_key)` → a Collector fed by an exclusive queue."""
-    async with AsyncExitStack() as stack:
-        channel = await stack.enter_async_context(amqp.channel())
+    channel = await amqp.channel()
+    try:
 
         async def bind(exchange: str, binding_key: str) -> Collector:
             collector = Collector()
@@ -205,3 +206,5 @@ async def subscribe(
             return collector
 
         yield bind
+    finally:
+        await channel.close()

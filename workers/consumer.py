@@ -80,8 +80,11 @@ class CallConsumer:
         tag = await self._queue.consume(self._on_message)
         log.info("worker %s consuming %s", self._kind, self._queue.name)
         await stop.wait()
-        await self._queue.cancel(tag)
         self._stopping.set()
+        try:
+            await self._queue.cancel(tag)
+        except Exception as exc:  # the broker is gone: its unacked deliveries return anyway
+            log.warning("worker %s could not cancel its consumer: %s", self._kind, exc)
         if self._in_flight:
             log.info(
                 "worker %s finishing %d in-flight deliveries", self._kind, len(self._in_flight)

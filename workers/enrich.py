@@ -11,6 +11,7 @@ from workers.outcome import is_missed, outcome_for
 from workers.phones import normalize_phone
 
 _EPOCH_MIN = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
+_EPOCH_MS_MIN = _EPOCH_MIN * 1000
 
 
 def parse_call_time(value: str | None, tz: ZoneInfo) -> datetime | None:
@@ -27,6 +28,8 @@ def parse_call_time(value: str | None, tz: ZoneInfo) -> datetime | None:
     except ValueError:
         pass
     else:
+        if seconds > _EPOCH_MS_MIN:
+            seconds /= 1000  # a timestamp in milliseconds
         if seconds < _EPOCH_MIN:
             return None
         try:

@@ -48,6 +48,8 @@ def decide(error: BaseException | None, attempt: int, policy: RetryPolicy) -> Ac
 
 def backoff_delay(attempt: int, policy: RetryPolicy, rand: random.Random | None = None) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2**(attempt-1))."""
-    ceiling: float = min(policy.max_delay_s, policy.base_delay_s * 2.0 ** max(attempt - 1, 0))
+    # Transient failures retry without limit; 2.0 ** 1024 would raise OverflowError.
+    exponent = min(max(attempt - 1, 0), 1023)
+    ceiling: float = min(policy.max_delay_s, policy.base_delay_s * 2.0**exponent)
     draw: float = (rand or random).random()
     return ceiling * (0.5 + draw / 2)

@@ -8,12 +8,14 @@ import asyncpg
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
 
 def migration_files() -> list[Path]:
     return sorted(MIGRATIONS_DIR.glob("*.sql"))
 
 
-async def migrate(conn: asyncpg.Connection, namespace: str) -> list[str]:
+async def migrate(conn: Connection, namespace: str) -> list[str]:
     """Create the namespace's schema and apply every migration not yet applied there.
 
     Concurrent callers (many worker replicas starting at once) wait on one advisory
@@ -38,6 +40,6 @@ async def migrate(conn: asyncpg.Connection, namespace: str) -> list[str]:
     return applied_now
 
 
-async def drop_schema(conn: asyncpg.Connection, namespace: str) -> None:
+async def drop_schema(conn: Connection, namespace: str) -> None:
     """Remove the namespace's schema and everything in it (tests, `callpipe teardown`)."""
     await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')

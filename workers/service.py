@@ -77,7 +77,9 @@ async def run_worker(settings: Settings, kind: Kind, stop: asyncio.Event) -> Non
         consumer = CallConsumer(queue, kind, pipeline, events, RetryPolicy())
         await consumer.run(stop, settings.shutdown_timeout_s)
     finally:
-        await consume_conn.close()
-        await publish_conn.close()
-        await pool.close()
+        for closing in (consume_conn.close(), publish_conn.close(), pool.close()):
+            try:
+                await asyncio.wait_for(closing, timeout=settings.shutdown_timeout_s)
+            except Exception as exc:  # closing what is already broken must not fail the stop
+                log.warning("worker %s: %s while closing", kind, exc)
         log.info("worker %s stopped", kind)

@@ -69,7 +69,7 @@ async def test_broker_gone_is_503_with_retry_after_then_recovers(
         response = await proxied_client.post("/roistat/tok-acme/call-start", data=CALL)
         return response.status == 200
 
-    await wait_for(accepted_again, timeout=20, what="the ingress to publish again")
+    await wait_for(accepted_again, seconds=20, what="the ingress to publish again")
     assert (await proxied_client.get("/readyz")).status == 200
 
 
@@ -113,8 +113,13 @@ async def test_sigterm_finishes_in_flight_webhooks_then_exits_0(
         "CALLPIPE_PUBLISH_TIMEOUT_S": "20",
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "callpipe", "ingress", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "callpipe",
+        "ingress",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{settings.http_port}"
     try:
@@ -127,7 +132,7 @@ async def test_sigterm_finishes_in_flight_webhooks_then_exits_0(
                 except aiohttp.ClientConnectionError:
                     return False
 
-            await wait_for(ready, timeout=20, what="the ingress to be ready")
+            await wait_for(ready, seconds=20, what="the ingress to be ready")
             # Hold the confirms back so that the requests are in flight when SIGTERM arrives.
             broker_proxy.freeze()
             in_flight = [

@@ -235,9 +235,7 @@ async def test_concurrent_webhooks_each_get_their_own_confirm(
 
     async def all_queued() -> list[AbstractIncomingMessage]:
         async with amqp.channel() as channel:
-            queue = await channel.declare_queue(
-                settings.topology.call_queue("start"), passive=True
-            )
+            queue = await channel.declare_queue(settings.topology.call_queue("start"), passive=True)
             count = queue.declaration_result.message_count
         return await drain(amqp, settings.topology.call_queue("start")) if count == 200 else []
 

@@ -1,0 +1,306 @@
+"""Workers when input is poison, PostgreSQL or RabbitMQ goes away, or the process dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import aio_pika
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from callpipe_testing import TcpProxy, wait_for
+from conftest import Collector, Services, Workers, make_settings
+
+from callpipe.broker import plain_headers
+from callpipe.settings import Settings
+from schemas import codec
+from schemas.topology import DELIVERY_LIMIT, Topology
+
+
+def webhook(
+    call_id: str, *, project: str | None = "acme", kind: str = "end", **fields: Any
+) -> aio_pika.Message:
+    """A message as the ingress publishes it."""
+    headers: dict[str, Any] = {
+        "x-callpipe-kind": kind,
+        "x-callpipe-received-at": datetime.now(UTC).isoformat(),
+    }
+    if project is not None:
+        headers["x-callpipe-project"] = project
+    body = codec.dumps({"id": call_id, "caller": "79990009911", "status": "ANSWER", **fields})
+    return aio_pika.Message(
+        body,
+        headers=headers,
+        message_id=f"{project}:{call_id}:{kind}",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+async def publish(
+    amqp: AbstractRobustConnection,
+    topology: Topology,
+    messages: list[aio_pika.Message],
+    kind: str = "end",
+) -> None:
+    async with amqp.channel() as channel:
+        exchange = await channel.get_exchange(topology.webhooks_exchange)
+        for message in messages:
+            await exchange.publish(message, f"roistat.call.{kind}")
+
+
+async def stored_calls(db: asyncpg.Pool, settings: Settings) -> int:
+    count: int = await db.fetchval(f'SELECT count(*) FROM "{settings.namespace}".calls')
+    return count
+
+
+async def published_events(db: asyncpg.Pool, settings: Settings) -> int:
+    count: int = await db.fetchval(
+        f'SELECT count(*) FROM "{settings.namespace}".call_events WHERE published_at IS NOT NULL'
+    )
+    return count
+
+
+async def queue_depth(amqp: AbstractRobustConnection, name: str) -> int:
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(name, passive=True)
+        count = queue.declaration_result.message_count
+        return count or 0
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (webhook("no-project", project=None), "missing header x-callpipe-project"),
+        (aio_pika.Message(b"[1, 2]", headers={"x-callpipe-project": "acme"}), "not_object"),
+        (aio_pika.Message(b"\xff", headers={"x-callpipe-project": "acme"}), "not_utf8"),
+        (webhook("nul", city="nul \x00 byte"), "database refused"),
+    ],
+    ids=["no-project", "array", "not-utf8", "nul-in-jsonb"],
+)
+async def test_poison_message_goes_to_dead_with_the_reason_and_the_queue_moves_on(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    workers: Workers,
+    subscribe: Any,
+    message: aio_pika.Message,
+    reason: str,
+) -> None:
+    dead: Collector = await subscribe(settings.topology.dead_exchange, "")
+    workers.start(settings, "end")
+    await publish(amqp, settings.topology, [message, webhook("healthy")])
+    await wait_for(lambda: _arrived(dead), what="the dead letter")
+    [kept] = dead.messages
+    assert kept.body == message.body
+    assert reason in plain_headers(kept.headers)["x-callpipe-error"]
+    await wait_for(lambda: stored_calls(db, settings), what="the healthy call after it")
+
+
+async def _arrived(collector: Collector) -> bool:
+    return bool(collector.messages)
+
+
+async def test_delivery_limit_dead_letters_a_message_that_keeps_coming_back(
+    settings: Settings, amqp: AbstractRobustConnection, subscribe: Any
+) -> None:
+    """The broker side of the promise: a poison loop ends in {ns}.dead, on RabbitMQ 3.x too."""
+    dead: Collector = await subscribe(settings.topology.dead_exchange, "")
+    await publish(amqp, settings.topology, [webhook("boomerang")])
+    async with amqp.channel() as channel:
+        queue = await channel.get_queue(settings.topology.call_queue("end"))
+
+        async def redelivered_or_dead() -> Any:
+            return "dead" if dead.messages else await queue.get(fail=False)
+
+        returns = 0
+        while (message := await wait_for(redelivered_or_dead, what="a redelivery")) != "dead":
+            await message.nack(requeue=True)
+            returns += 1
+            assert returns <= DELIVERY_LIMIT + 1, "the delivery limit did not stop the loop"
+    assert returns in (DELIVERY_LIMIT, DELIVERY_LIMIT + 1)  # 3.x counts from 0, 4.x from 1
+    assert dead.messages[0].message_id == "acme:boomerang:end"
+
+
+async def test_concurrent_duplicates_store_one_row_and_publish_one_event(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    workers: Workers,
+    subscribe: Any,
+) -> None:
+    events: Collector = await subscribe(settings.topology.events_exchange, "call.#")
+    await publish(amqp, settings.topology, [webhook("same") for _ in range(20)])
+    for _ in range(3):  # competing consumers, each with prefetch 16
+        workers.start(settings, "end")
+    await wait_for(lambda: published_events(db, settings), what="the event published")
+    await workers.stop_all()
+    assert await queue_depth(amqp, settings.topology.call_queue("end")) == 0
+    assert await stored_calls(db, settings) == 1
+    assert await published_events(db, settings) == 1
+    assert [m.message_id for m in events.messages] == ["acme:same:end"]
+
+
+@pytest.fixture
+async def proxies(services: Services) -> AsyncIterator[dict[str, TcpProxy]]:
+    made = {}
+    for name, url in (("amqp", services.amqp_url), ("db", services.database_url)):
+        target = urlsplit(url)
+        made[name] = TcpProxy(target.hostname or "127.0.0.1", target.port or 0)
+        await made[name].start()
+    try:
+        yield made
+    finally:
+        for proxy in made.values():
+            await proxy.cut()
+
+
+def through(url: str, proxy: TcpProxy, query: str = "") -> str:
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@127.0.0.1:{proxy.port}" if credentials else f"127.0.0.1:{proxy.port}"
+    return parts._replace(netloc=netloc).geturl() + query
+
+
+async def test_database_down_holds_the_message_and_stores_it_when_back(
+    services: Services,
+    namespace: str,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    workers: Workers,
+    proxies: dict[str, TcpProxy],
+) -> None:
+    settings = make_settings(
+        services, namespace, database_url=through(services.database_url, proxies["db"])
+    )
+    workers.start(settings, "end")
+    await publish(amqp, settings.topology, [webhook("before")])
+    await wait_for(lambda: stored_calls(db, settings), what="the first call")
+
+    await proxies["db"].cut()
+    await publish(amqp, settings.topology, [webhook("during-outage")])
+
+    async def taken_but_not_stored() -> bool:
+        depth = await queue_depth(amqp, settings.topology.call_queue("end"))
+        return depth == 0 and await stored_calls(db, settings) == 1
+
+    await wait_for(taken_but_not_stored, what="the worker to hold the message")
+    await proxies["db"].restore()
+
+    async def both_stored() -> bool:
+        return await stored_calls(db, settings) == 2 and await published_events(db, settings) == 2
+
+    await wait_for(both_stored, seconds=30, what="the held call stored after the outage")
+
+
+async def test_broker_drop_loses_nothing(
+    services: Services,
+    namespace: str,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    workers: Workers,
+    proxies: dict[str, TcpProxy],
+    subscribe: Any,
+) -> None:
+    events: Collector = await subscribe(f"{namespace}.events", "call.#")
+    settings = make_settings(
+        services,
+        namespace,
+        amqp_url=through(services.amqp_url, proxies["amqp"], "?reconnect_interval=0.5"),
+        publish_timeout_s=1.0,
+    )
+    workers.start(settings, "end")
+    await publish(amqp, settings.topology, [webhook(f"a{n}") for n in range(20)])
+    await wait_for(lambda: _stored_at_least(db, settings, 1), what="some calls stored")
+    await proxies["amqp"].cut()
+    await publish(amqp, settings.topology, [webhook(f"b{n}") for n in range(20)])
+    await proxies["amqp"].restore()
+
+    async def all_published() -> bool:
+        return await published_events(db, settings) == 40
+
+    await wait_for(all_published, seconds=40, what="all 40 calls stored and published")
+    assert await stored_calls(db, settings) == 40
+    await wait_for(lambda: _collected_ids(events, 40), what="40 distinct events")
+
+
+async def _stored_at_least(db: asyncpg.Pool, settings: Settings, n: int) -> bool:
+    return await stored_calls(db, settings) >= n
+
+
+async def _collected_ids(events: Collector, n: int) -> bool:
+    return len({m.message_id for m in events.messages}) >= n
+
+
+def worker_process_env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "CALLPIPE_AMQP_URL": settings.amqp_url,
+        "CALLPIPE_DATABASE_URL": settings.database_url,
+        "CALLPIPE_NAMESPACE": settings.namespace,
+        "CALLPIPE_PREFETCH": "8",
+        "CALLPIPE_LOG_LEVEL": "WARNING",
+    }
+
+
+async def start_worker_process(settings: Settings) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "callpipe",
+        "worker",
+        "end",
+        env=worker_process_env(settings),
+    )
+
+
+async def test_worker_killed_mid_stream_loses_nothing_after_restart(
+    settings: Settings, amqp: AbstractRobustConnection, db: asyncpg.Pool, subscribe: Any
+) -> None:
+    events: Collector = await subscribe(settings.topology.events_exchange, "call.#")
+    total = 400
+    await publish(amqp, settings.topology, [webhook(f"k{n}") for n in range(total)])
+    process = await start_worker_process(settings)
+    try:
+        await wait_for(lambda: _stored_at_least(db, settings, 20), what="the worker under way")
+        process.send_signal(signal.SIGKILL)
+        await process.wait()
+        assert await stored_calls(db, settings) < total, "killed too late to prove anything"
+        process = await start_worker_process(settings)
+
+        async def all_published() -> bool:
+            return await published_events(db, settings) == total
+
+        await wait_for(all_published, seconds=60, what="every call stored and published")
+    finally:
+        process.terminate()
+        await process.wait()
+    assert await stored_calls(db, settings) == total
+    await wait_for(lambda: _collected_ids(events, total), what="an event for every call")
+
+
+async def test_sigterm_finishes_in_flight_and_exits_0(
+    settings: Settings, amqp: AbstractRobustConnection, db: asyncpg.Pool, workers: Workers
+) -> None:
+    total = 200
+    await publish(amqp, settings.topology, [webhook(f"t{n}") for n in range(total)])
+    process = await start_worker_process(settings)
+    try:
+        await wait_for(lambda: _stored_at_least(db, settings, 10), what="the worker under way")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    # Everything it took is acked and stored; the rest is still queued for the next worker.
+    stored = await stored_calls(db, settings)
+    queued = await queue_depth(amqp, settings.topology.call_queue("end"))
+    assert stored + queued == total
+    assert await published_events(db, settings) == stored

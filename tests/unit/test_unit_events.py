@@ -1,0 +1,116 @@
+"""The published envelope and its routing key."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+import pytest
+
+from schemas import codec
+from schemas.events import CallEvent
+from schemas.topology import HEADER_KIND, HEADER_PROJECT, HEADER_RECEIVED_AT, Kind
+from workers.delivery import ReceivedWebhook, decode_delivery
+from workers.enrich import enrich
+from workers.events import build_event, routing_key_of
+
+DOCUMENT: dict[str, Any] = {
+    "id": "2891473",
+    "caller": "89990009911",
+    "date": "2024-03-10 14:30:00",
+    "city": "Москва",
+    "status": "BUSY",
+    "duration": "0",
+    "extra_field": {"a": [1, 2]},
+}
+
+
+def _received(kind: Kind, document: dict[str, Any] = DOCUMENT) -> ReceivedWebhook:
+    headers = {
+        HEADER_PROJECT: "shop",
+        HEADER_KIND: kind,
+        HEADER_RECEIVED_AT: "2024-03-10T11:30:05+00:00",
+    }
+    return decode_delivery(orjson.dumps(document), headers, kind)
+
+
+def _event(kind: Kind, document: dict[str, Any] = DOCUMENT) -> CallEvent:
+    webhook = _received(kind, document)
+    call = enrich(webhook.payload, region="RU", tz=ZoneInfo("Europe/Moscow"))
+    return build_event(webhook, call)
+
+
+def test_call_end_event() -> None:
+    event = _event("end")
+    assert event.event_id == "shop:2891473:end"
+    assert event.type == "call.ended"
+    assert event.schema_ == "callpipe.call.v1"
+    assert event.project == "shop"
+    assert event.occurred_at == datetime(2024, 3, 10, 11, 30, tzinfo=UTC)
+    assert event.received_at == datetime(2024, 3, 10, 11, 30, 5, tzinfo=UTC)
+    assert event.call.outcome == "missed"
+    assert event.call.caller == "+79990009911"
+    assert event.raw == DOCUMENT
+
+
+def test_call_start_event() -> None:
+    event = _event("start", {"id": 5, "caller": "79990009911"})
+    assert event.event_id == "shop:5:start"
+    assert event.type == "call.started"
+    assert event.occurred_at is None
+    assert event.raw == {"id": 5, "caller": "79990009911"}
+
+
+def test_envelope_on_the_wire() -> None:
+    wire = codec.loads(codec.dumps(_event("end").to_json_dict()))
+    assert set(wire) == {
+        "event_id",
+        "type",
+        "schema",
+        "occurred_at",
+        "received_at",
+        "project",
+        "call",
+        "raw",
+    }
+    assert wire["schema"] == "callpipe.call.v1"
+    assert wire["occurred_at"] == "2024-03-10T11:30:00Z"
+    assert wire["call"]["city"] == "Москва"
+    assert wire["raw"] == DOCUMENT
+    # A subscriber can read the envelope back into the model.
+    assert CallEvent.model_validate(wire) == _event("end")
+
+
+@pytest.mark.parametrize(
+    ("document", "kind", "routing_key"),
+    [
+        pytest.param({"id": "a"}, "start", "call.started", id="start"),
+        pytest.param({"id": "a", "status": "ANSWER"}, "start", "call.started", id="start-status"),
+        pytest.param({"id": "a", "status": "ANSWER"}, "end", "call.ended.answered", id="answer"),
+        pytest.param({"id": "a", "status": "CANCEL"}, "end", "call.ended.missed", id="cancel"),
+        pytest.param({"id": "a", "status": "congestion"}, "end", "call.ended.failed", id="failed"),
+        pytest.param({"id": "a", "status": "DONTCALL"}, "end", "call.ended.blocked", id="blocked"),
+        pytest.param({"id": "a", "status": "WHATEVER"}, "end", "call.ended.unknown", id="unknown"),
+        pytest.param({"id": "a", "duration": 3}, "end", "call.ended.unknown", id="no-status"),
+    ],
+)
+def test_routing_key_of_a_stored_envelope(
+    document: dict[str, Any], kind: Kind, routing_key: str
+) -> None:
+    stored = codec.loads(codec.dumps(_event(kind, document).to_json_dict()))
+    assert routing_key_of(stored) == routing_key
+
+
+@pytest.mark.parametrize(
+    ("event", "routing_key"),
+    [
+        ({"type": "call.started", "call": {"outcome": None}}, "call.started"),
+        ({"type": "call.ended", "call": {"outcome": "missed"}}, "call.ended.missed"),
+        ({"type": "call.ended", "call": None}, "call.ended.unknown"),
+        ({"type": "call.ended"}, "call.ended.unknown"),
+    ],
+)
+def test_routing_key_of_sparse_envelopes(event: dict[str, Any], routing_key: str) -> None:
+    assert routing_key_of(event) == routing_key
