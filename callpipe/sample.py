@@ -34,11 +34,10 @@ SOURCES = [
 
 
 def sample_call(
-    rng: random.Random, index: int, now: datetime, callers: list[str]
+    rng: random.Random, index: int, called_at: datetime, callers: list[str]
 ) -> dict[str, Any]:
     """One call-start payload, shaped like Roistat's (digits-only phones, local time)."""
     source, medium, campaign = rng.choice(SOURCES)
-    called_at = now - timedelta(seconds=rng.randint(0, 3600))
     return {
         "id": str(rng.randint(10**8, 10**9)) + f"{index:04d}",
         "caller": rng.choice(callers),
@@ -125,7 +124,9 @@ async def send_sample(
 
     async def one_call(session: aiohttp.ClientSession, index: int) -> None:
         async with limit:
-            start = sample_call(rng, index, now, callers)
+            # Calls a few minutes apart, oldest first: callers from a small pool call again.
+            called_at = now - timedelta(minutes=3 * (calls - index))
+            start = sample_call(rng, index, called_at, callers)
             end = call_end(rng, start)
             webhooks = [("call-start", start), ("call-end", end)]
             if rng.random() < duplicate_ratio:

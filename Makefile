@@ -1,0 +1,44 @@
+# Development entry points. Everything installs from this repo into .venv.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+
+# A demo project and token so that `make run` works out of the box; set your own in production.
+export CALLPIPE_TOKENS ?= demo:demo-token
+
+.PHONY: install services run test lint sample schemas clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+services:
+	scripts/ensure-services
+
+## Run the whole pipeline (ingress on :8080 and both workers) against local RabbitMQ/PostgreSQL.
+run: install services
+	$(BIN)/callpipe setup
+	$(BIN)/callpipe run
+
+## Run the test suite against real RabbitMQ and PostgreSQL.
+test: install services
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+## Post 20 sample calls to the pipeline `make run` started.
+sample: install
+	$(BIN)/callpipe send-sample --url http://127.0.0.1:8080/roistat/demo-token --calls 20
+
+schemas: install
+	$(BIN)/python -m schemas.jsonschema
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
