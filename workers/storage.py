@@ -92,6 +92,8 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
 
+LOCK_CALLER = "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))"
+
 SET_EVENT = "UPDATE call_events SET event = $2 WHERE event_id = $1"
 
 LOCK_UNPUBLISHED = """
@@ -162,6 +164,10 @@ class PostgresCallStore:
         False when the id was already claimed (a duplicate or a redelivery): nothing changes.
         """
         async with self._transaction() as conn:
+            if call.caller is not None:
+                # Calls from one number are counted one at a time, so that two of them arriving
+                # together still see each other in `previous_calls`.
+                await conn.execute(LOCK_CALLER, webhook.project, call.caller)
             claimed = await conn.fetchval(
                 CLAIM_EVENT,
                 webhook.event_id,
