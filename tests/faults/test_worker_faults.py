@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +23,10 @@ from callpipe.broker import plain_headers
 from callpipe.settings import Settings
 from schemas import codec
 from schemas.topology import DELIVERY_LIMIT, Topology
+from workers.delivery import decode_delivery
+from workers.enrich import enrich
+from workers.events import build_event
+from workers.storage import PostgresCallStore, create_pool
 
 
 def webhook(
@@ -304,3 +309,30 @@ async def test_sigterm_finishes_in_flight_and_exits_0(
     queued = await queue_depth(amqp, settings.topology.call_queue("end"))
     assert stored + queued == total
     assert await published_events(db, settings) == stored
+
+
+async def test_stored_but_unpublished_event_is_published_on_redelivery(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    workers: Workers,
+    subscribe: Any,
+) -> None:
+    """A worker that died after the commit and before the publish left the event behind."""
+    events: Collector = await subscribe(settings.topology.events_exchange, "call.#")
+    message = webhook("half-done")
+    pool = await create_pool(settings.database_url, settings.namespace, 2)
+    try:
+        received = decode_delivery(message.body, plain_headers(message.headers), "end")
+        call = enrich(received.payload, region="RU", tz=settings.time_zone)
+        assert await PostgresCallStore(pool).record(received, call, partial(build_event, received))
+    finally:
+        await pool.close()
+    assert await published_events(db, settings) == 0
+
+    workers.start(settings, "end")
+    await publish(amqp, settings.topology, [message])  # the broker's redelivery
+    await wait_for(lambda: published_events(db, settings), what="the event published")
+    await wait_for(lambda: _arrived(events), what="the event on the exchange")
+    assert [m.message_id for m in events.messages] == ["acme:half-done:end"]
+    assert await stored_calls(db, settings) == 1
