@@ -113,7 +113,7 @@ class Payloads:
         if call["referrer"]:
             call["referrer"] += "search/?text=купить+телефон+в+москве&lr=213&clid=2270455"
         for n in range(1, 6):
-            call[f"roistat_param_{n}"] = f"param-{n}-{self._rng.randint(1000, 9999)}"
+            call[f"roistat_param_{n}"] = f"direct_campaign_{n}_{self._rng.randint(10**6, 10**7)}"
         return call
 
     def end(self, start: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +211,25 @@ class Subprocesses:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    async def run_to_end(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str], timeout_s: float
+    ) -> str:
+        """Run a short-lived child (`callpipe setup`) to its end; its output. Raises on failure."""
+        self.start(name, argv, env)
+        proc = self._procs[name]
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.failed = True
+                self.stop(name)
+                raise RuntimeError(f"{name} did not finish in {timeout_s:g}s:\n{self.tail(name)}")
+            await asyncio.sleep(0.05)
+        self.stop(name)
+        if proc.returncode != 0:
+            self.failed = True
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.tail(name)}")
+        return self.tail(name)
 
     def check_alive(self) -> None:
         for name, proc in self._procs.items():

@@ -22,6 +22,9 @@ MAX_NESTING = 128
 
 UTF8_BOM = b"\xef\xbb\xbf"
 
+# Longer is not a phone call but garbage; it would not fit PostgreSQL's integer either.
+MAX_DURATION_S = 7 * 24 * 3600
+
 
 class InvalidWebhookError(ValueError):
     """A body that can never become a call: `reason` is a short machine-readable code."""
@@ -110,6 +113,18 @@ def _json_type(value: Any) -> str:
     return "null"
 
 
+def _without_nul(value: Any) -> Any:
+    """U+0000 replaced by U+FFFD: PostgreSQL text and jsonb cannot store it, and a call
+    must not be lost for one invisible character."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
+
+
 def detect_kind(document: dict[str, Any]) -> Kind:
     """For `POST /roistat/{token}`: a body with a non-null `status` or `duration` ends a call."""
     for field in ("status", "duration"):
@@ -147,10 +162,10 @@ def _whole_number(value: Any) -> int | None:
             value = float(value.strip().replace(",", "."))
         except ValueError:
             return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and math.isfinite(value) and value >= 0:
-        return math.floor(value + 0.5)  # half up: 34.5 s is 35 s, not banker's 34
+    if isinstance(value, float) and math.isfinite(value):
+        value = math.floor(value + 0.5)  # half up: 34.5 s is 35 s, not banker's 34
+    if isinstance(value, int) and 0 <= value <= MAX_DURATION_S:
+        return value
     return None
 
 
@@ -237,6 +252,8 @@ class Webhook:
 def parse_webhook(body: bytes, kind: Kind) -> Webhook:
     """Decode and validate a webhook body; raises `InvalidWebhookError` only for no object or id."""
     document = read_webhook(body)
+    if b"\\u0000" in body:
+        document = _without_nul(document)
     # Both kinds share one model: a start that already carries end fields keeps them.
     payload = CallEndPayload.model_validate(document)
     return Webhook(kind=kind, payload=payload, document=document)

@@ -275,3 +275,17 @@ async def test_many_calls_each_stored_once_with_one_event_per_kind(
     assert {r["call_id"]: r["status"] for r in rows} == expected_outcomes
     ids = [m.message_id for m in events.messages]
     assert len(ids) == len(set(ids)) == 140
+
+
+async def test_a_nul_character_postgresql_cannot_store_does_not_lose_the_call(
+    client: Client, settings: Settings, db: asyncpg.Pool, workers: Workers
+) -> None:
+    workers.start_both(settings)
+    await post(client, "end", {**END, "id": "nul", "city": "Мос\x00ква", "x\x00": ["\x00"]})
+    row = await wait_row(db, settings, "nul")
+    assert row["city"] == "Мос\ufffdква"
+    payload = await db.fetchval(
+        f'SELECT payload FROM "{settings.namespace}".call_events WHERE event_id = $1',
+        "acme:nul:end",
+    )
+    assert codec.loads(payload)["x\ufffd"] == ["\ufffd"]

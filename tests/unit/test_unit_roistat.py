@@ -81,6 +81,12 @@ def test_read_webhook_ignores_a_utf8_byte_order_mark() -> None:
     assert read_webhook(b'\xef\xbb\xbf{"id": "7", "city": "\xd0\x9c"}') == {"id": "7", "city": "М"}
 
 
+def test_parse_webhook_replaces_nul_that_postgresql_cannot_store() -> None:
+    webhook = parse_webhook(b'{"id": "1", "city": "a\\u0000b", "k\\u0000": ["\\u0000"]}', "end")
+    assert webhook.payload.city == "a\ufffdb"
+    assert webhook.document == {"id": "1", "city": "a\ufffdb", "k\ufffd": ["\ufffd"]}
+
+
 def test_read_webhook_names_the_json_type_it_got() -> None:
     with pytest.raises(InvalidWebhookError, match="array"):
         read_webhook(b"[1, 2]")
@@ -263,6 +269,8 @@ def test_text_fields_accept_any_scalar(value: Any, expected: str | None) -> None
         pytest.param(35.4, 35, id="fraction-rounds-down"),
         pytest.param(35.6, 36, id="fraction-rounds-up"),
         pytest.param(34.5, 35, id="half-rounds-up"),
+        pytest.param(7 * 24 * 3600 + 1, None, id="longer-than-a-week"),
+        pytest.param("1e12", None, id="too-large-for-postgresql"),
         pytest.param("35", 35, id="string"),
         pytest.param(" 35.0 ", 35, id="padded-float-string"),
         pytest.param("35,0", 35, id="decimal-comma"),

@@ -13,27 +13,27 @@ from schemas.roistat import CallEndPayload, parse_webhook
 MODEL_FIELDS = sorted(CallEndPayload.model_fields)
 
 # orjson writes integers of 64 bits at most; NaN and infinities are not JSON.
+# U+0000 is replaced on purpose (PostgreSQL cannot store it): see test_unit_roistat.py.
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
 json_scalars = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**64 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
+    | text
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
-    ),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(text, children, max_size=4),
     max_leaves=12,
 )
 # Model fields (with any JSON value in them), unknown keys, and names pydantic uses itself.
 keys = (
     st.sampled_from(MODEL_FIELDS)
-    | st.text()
+    | text
     | st.sampled_from(["model_config", "model_extra", "__class__", "_private", "__dict__"])
 )
-call_ids = st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text().filter(str.strip)
+call_ids = st.integers(min_value=-(2**63), max_value=2**64 - 1) | text.filter(str.strip)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
