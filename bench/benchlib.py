@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
@@ -94,7 +94,9 @@ class Payloads:
 
     def __init__(self, seed: int, tz: str = "Europe/Moscow") -> None:
         self._rng = random.Random(seed)
-        self._now = datetime.now(ZoneInfo(tz)).replace(tzinfo=None)
+        # Calls in time order, one second apart from a day ago: later calls from the same
+        # 200 numbers find earlier ones, so the repeat-caller lookup has work to do.
+        self._first_call = datetime.now(ZoneInfo(tz)).replace(tzinfo=None) - timedelta(days=1)
         self._callers = [f"7999{self._rng.randint(1000000, 9999999)}" for _ in range(200)]
         self._base = self._rng.randint(10**11, 10**12 - 10**7)
 
@@ -102,14 +104,15 @@ class Payloads:
         return str(self._base + index)
 
     def start(self, index: int) -> dict[str, Any]:
-        call = sample_call(self._rng, index, self._now, self._callers)
+        called_at = self._first_call + timedelta(seconds=index)
+        call = sample_call(self._rng, index, called_at, self._callers)
         call["id"] = self.call_id(index)
         # Fields Roistat sends that the sample leaves out; they bring the body to ~1 KB.
         query = "&".join(
             f"{key}={call[key] or ''}" for key in ("utm_source", "utm_medium", "utm_campaign")
         )
         call["landing_page"] = f"https://shop.example/catalog/phones?{query}&roistat=ya_123"
-        call["first_visit"] = self._now.strftime("%Y-%m-%d %H:%M:%S")
+        call["first_visit"] = self._first_call.strftime("%Y-%m-%d %H:%M:%S")
         if call["referrer"]:
             call["referrer"] += "search/?text=купить+телефон+в+москве&lr=213&clid=2270455"
         for n in range(1, 6):
@@ -288,6 +291,13 @@ class Subprocesses:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signum)
+
+
+def cancel_on_sigterm() -> None:
+    """SIGTERM cancels the running benchmark like Ctrl-C does, so its `finally` cleans up."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
 
 async def wait_http_ok(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import statistics
 import sys
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from benchlib import (
     Subprocesses,
     broker_version,
     callpipe_env,
+    cancel_on_sigterm,
     declare_namespace,
     encode,
     fmt_ms,
@@ -176,6 +178,7 @@ async def drive(url: str, bodies: Sequence[bytes], concurrency: int) -> LoadResu
 @dataclass
 class VariantRun:
     variant: str
+    label: str  # the variant, with its round when there are several
     result: LoadResult
     queued: int | None  # messages in {ns}.call-start after the run; None: does not publish
 
@@ -211,6 +214,7 @@ async def purge(connection: AbstractConnection, queue: str) -> None:
 
 async def run_variant(
     variant: str,
+    round_: int,
     args: argparse.Namespace,
     namespace: str,
     bodies: Sequence[bytes],
@@ -226,7 +230,7 @@ async def run_variant(
         if warmup:
             await drive(url, warmup, args.concurrency)
         await purge(connection, queue)
-        print(f"  {variant}: {len(bodies)} requests ...", flush=True)
+        print(f"  {variant} (round {round_}): {len(bodies)} requests ...", flush=True)
         result = await drive(url, bodies, args.concurrency)
         procs.check_alive()
     finally:
@@ -238,7 +242,8 @@ async def run_variant(
     if variant != "bare":
         queued = await settled_depth(connection, queue, result.ok)
     await purge(connection, queue)
-    return VariantRun(variant, result, queued)
+    label = variant if args.rounds == 1 else f"{variant} #{round_}"
+    return VariantRun(variant, label, result, queued)
 
 
 def report(runs: Sequence[VariantRun], namespace: str) -> bool:
@@ -250,7 +255,7 @@ def report(runs: Sequence[VariantRun], namespace: str) -> bool:
         spread = Spread.of(one.result.latencies_s)
         rows.append(
             [
-                one.variant,
+                one.label,
                 str(one.result.requests),
                 str(one.result.ok),
                 str(one.result.errors),
@@ -269,19 +274,20 @@ def report(runs: Sequence[VariantRun], namespace: str) -> bool:
     for one in runs:
         details = dict(one.result.statuses) | dict(one.result.failures)
         if one.result.errors:
-            print(f"{one.variant}: non-200 answers and failures: {details}")
+            print(f"{one.label}: non-200 answers and failures: {details}")
         if one.queued is not None:
             same = one.queued == one.result.ok
             consistent &= same
             verdict = "OK, every 200 was queued" if same else "MISMATCH"
             print(
-                f"{one.variant}: {one.result.ok} answers 200, "
+                f"{one.label}: {one.result.ok} answers 200, "
                 f"{one.queued} messages in {namespace}.call-start: {verdict}"
             )
     return consistent
 
 
 async def bench(args: argparse.Namespace, procs: Subprocesses) -> int:
+    cancel_on_sigterm()
     namespace = new_namespace()
     payloads = Payloads(args.seed)
     bodies = [encode(payloads.start(index)) for index in range(args.requests + args.warmup)]
@@ -293,15 +299,27 @@ async def bench(args: argparse.Namespace, procs: Subprocesses) -> int:
         print(f"  concurrency: {args.concurrency} keep-alive connections, one client process")
         mean_size = sum(map(len, measured)) / len(measured)
         print(f"  body: Roistat call start, {mean_size:.0f} bytes on average, a new id each")
-        print(f"  variants: {', '.join(args.variants)}")
+        print(f"  variants: {', '.join(args.variants)}; rounds: {args.rounds}")
         print(f"  namespace: {namespace}, RabbitMQ {await broker_version(connection)}")
         print(f"  {machine_line()}")
         await declare_namespace(args.amqp_url, namespace)
         runs = [
-            await run_variant(variant, args, namespace, measured, warmup, connection, procs)
+            await run_variant(variant, round_, args, namespace, measured, warmup, connection, procs)
+            for round_ in range(1, args.rounds + 1)
             for variant in args.variants
         ]
         consistent = report(runs, namespace)
+        if args.rounds > 1:
+            medians = {
+                variant: statistics.median(
+                    one.result.requests / one.result.elapsed_s
+                    for one in runs
+                    if one.variant == variant
+                )
+                for variant in args.variants
+            }
+            summary = ", ".join(f"{name} {rate:.0f}" for name, rate in medians.items())
+            print(f"median req/s over {args.rounds} rounds: {summary}")
         failed = any(one.result.errors for one in runs) or not consistent
         return 1 if failed else 0
     finally:
@@ -321,6 +339,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=list(VARIANTS),
         help="comma-separated subset of bare,naive,callpipe",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the variants this many times, interleaved"
+    )
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
@@ -328,6 +349,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--requests must be within 1..100000")
     if not 1 <= args.concurrency <= 1000:
         parser.error("--concurrency must be within 1..1000")
+    if not 1 <= args.rounds <= 10:
+        parser.error("--rounds must be within 1..10")
     if not 0 <= args.warmup <= 10_000:
         parser.error("--warmup must be within 0..10000")
     if not args.variants or set(args.variants) - set(VARIANTS):
@@ -349,7 +372,7 @@ def main(argv: Sequence[str]) -> int:
     procs = Subprocesses()
     try:
         return run(bench(args, procs))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         procs.failed = True
         print("interrupted", file=sys.stderr)
         return 130

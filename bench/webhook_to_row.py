@@ -35,6 +35,7 @@ from benchlib import (
     Subprocesses,
     broker_version,
     callpipe_env,
+    cancel_on_sigterm,
     encode,
     fmt_ms,
     free_port,
@@ -392,6 +393,7 @@ async def wait_for_consumers(
 
 
 async def bench(args: argparse.Namespace, procs: Subprocesses) -> int:
+    cancel_on_sigterm()
     namespace = new_namespace()
     topology = Topology(namespace)
     ceiling_queue = f"{namespace}.bench-ceiling"
@@ -502,7 +504,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--ceiling-messages", type=int, default=5000, help="0 to skip")
     parser.add_argument("--prefetch", type=int, default=32, help="broker ceiling's prefetch")
     parser.add_argument("--worker-prefetch", type=int, default=32, help="CALLPIPE_PREFETCH")
-    parser.add_argument("--log-level", default="INFO", help="CALLPIPE_LOG_LEVEL of the children")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="CALLPIPE_LOG_LEVEL of the children (default INFO: a line per webhook)",
+    )
     parser.add_argument("--drain-timeout", type=float, default=60.0, help="seconds per phase")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     parser.add_argument("--database-url", default=DEFAULT_DATABASE_URL)
@@ -530,7 +537,7 @@ def main(argv: Sequence[str]) -> int:
     procs = Subprocesses()
     try:
         return run(bench(args, procs))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         procs.failed = True
         print("interrupted", file=sys.stderr)
         return 130
