@@ -16,6 +16,7 @@ from aio_pika.abc import (
     HeadersType,
 )
 
+from callpipe.retry import retry_until_done
 from schemas.topology import DELIVERY_LIMIT, Topology
 
 log = logging.getLogger(__name__)
@@ -70,16 +71,12 @@ async def connect(
     url: str, *, name: str, stop: asyncio.Event | None = None
 ) -> AbstractRobustConnection:
     """A robust connection, retried with backoff until the broker answers (or `stop` is set)."""
-    delay = 0.5
-    while True:
-        try:
-            return await aio_pika.connect_robust(url, client_properties={"connection_name": name})
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-            if stop is not None and stop.is_set():
-                raise
-            log.warning("broker not reachable (%s); retrying in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    return await retry_until_done(
+        f"connecting to the broker as {name}",
+        lambda: aio_pika.connect_robust(url, client_properties={"connection_name": name}),
+        retry_on=(TimeoutError, OSError, aiormq.exceptions.AMQPError),
+        stop=stop,
+    )
 
 
 class ConfirmedPublisher:

@@ -15,19 +15,18 @@ from callpipe.logs import setup_logging
 from callpipe.runner import Component, run, run_until_signalled, serve_ingress
 from callpipe.sample import send_sample
 from callpipe.settings import Settings
-from workers.service import migrate_database, retry_until_done, run_worker
+from workers.service import migrate_when_up, run_worker
 
 log = logging.getLogger("callpipe")
 
 
 async def setup(settings: Settings) -> int:
     """Declare the topology and migrate the database, waiting for both to come up. Idempotent."""
-    stop = asyncio.Event()
     connection = await connect(settings.amqp_url, name="callpipe-setup")
     async with connection:
         await declare_topology(await connection.channel(), settings.topology)
     print(f"topology of namespace {settings.namespace!r} declared")
-    applied = await retry_until_done("database migration", lambda: migrate_database(settings), stop)
+    applied = await migrate_when_up(settings)
     print(f"database schema {settings.namespace!r}: applied {applied or 'nothing new'}")
     return 0
 

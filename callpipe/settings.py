@@ -14,7 +14,10 @@ from schemas.topology import Topology, validate_namespace
 class Settings(BaseSettings):
     """Defaults suit a development machine with RabbitMQ and PostgreSQL on their standard ports."""
 
-    model_config = SettingsConfigDict(env_prefix="CALLPIPE_", frozen=True)
+    # hide_input_in_errors: a bad CALLPIPE_TOKENS must not print every token to the log.
+    model_config = SettingsConfigDict(
+        env_prefix="CALLPIPE_", frozen=True, hide_input_in_errors=True
+    )
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -69,6 +72,10 @@ class Settings(BaseSettings):
         return parse_tokens(self.tokens)
 
 
+# A project name is part of every event id, and so of the AMQP message id (255 bytes at most).
+MAX_PROJECT_BYTES = 64
+
+
 def parse_tokens(spec: str) -> dict[str, str]:
     """`project:token,...` → {token: project}; raises ValueError naming the bad entry."""
     projects: dict[str, str] = {}
@@ -77,6 +84,10 @@ def parse_tokens(spec: str) -> dict[str, str]:
         project, token = project.strip(), token.strip()
         if not sep or not project or not token:
             raise ValueError(f"token entry #{len(projects) + 1} must look like project:token")
+        if len(project.encode()) > MAX_PROJECT_BYTES:
+            raise ValueError(
+                f"project #{len(projects) + 1} is longer than {MAX_PROJECT_BYTES} bytes"
+            )
         if token in projects:
             raise ValueError(f"a token is given twice (projects {projects[token]!r}, {project!r})")
         projects[token] = project

@@ -33,11 +33,17 @@ class BrokerLink:
             await self._connecting
 
     async def _connect(self) -> None:
-        try:
-            await self._open()
-        except Exception:
-            log.exception("ingress could not set up its broker link; /readyz stays 503")
-            raise
+        """Open the link, retrying every step: the broker may restart half-way through."""
+        delay = 0.5
+        while True:
+            try:
+                await self._open()
+                return
+            except Exception as exc:
+                log.warning("broker link not set up (%r); retrying in %.1fs", exc, delay)
+                await self._discard_connection()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _open(self) -> None:
         connection = await connect(self._amqp_url, name="callpipe-ingress")
@@ -47,6 +53,12 @@ class BrokerLink:
         await channel.close()
         self._publisher = await ConfirmedPublisher.open(connection, self._publish_timeout_s)
         log.info("ingress connected to the broker")
+
+    async def _discard_connection(self) -> None:
+        connection, self._connection, self._publisher = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
 
     @property
     def is_ready(self) -> bool:
@@ -79,5 +91,4 @@ class BrokerLink:
             self._connecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connecting
-        if self._connection is not None:
-            await self._connection.close()
+        await self._discard_connection()

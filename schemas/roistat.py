@@ -20,6 +20,9 @@ from schemas.topology import Kind
 # (jsonb, and as `raw` inside the event envelope): refuse at the door what it cannot store.
 MAX_NESTING = 128
 
+# The event id `{project}:{call_id}:{kind}` is the AMQP message id, at most 255 bytes.
+MAX_CALL_ID_BYTES = 128
+
 UTF8_BOM = b"\xef\xbb\xbf"
 
 # Longer is not a phone call but garbage; it would not fit PostgreSQL's integer either.
@@ -66,9 +69,14 @@ def read_webhook(body: bytes) -> dict[str, Any]:
         raise InvalidWebhookError(
             "not_object", f"body must be a JSON object, got a JSON {_json_type(document)}"
         )
-    if call_id_of(document.get("id")) is None:
+    call_id = call_id_of(document.get("id"))
+    if call_id is None:
         raise InvalidWebhookError(
             "missing_id", 'body has no usable "id": it must be a non-empty string or a number'
+        )
+    if len(call_id.encode()) > MAX_CALL_ID_BYTES:
+        raise InvalidWebhookError(
+            "id_too_long", f'"id" is longer than {MAX_CALL_ID_BYTES} bytes: not a Roistat call id'
         )
     return document
 
@@ -175,6 +183,8 @@ def _custom_fields(value: Any) -> list[Any] | dict[str, Any] | None:
         try:
             value = codec.loads(value)
         except codec.JSONDecodeError:
+            return None
+        if _nests_deeper_than(value, MAX_NESTING):
             return None
     if isinstance(value, list | dict) and value:
         return value

@@ -40,6 +40,7 @@ class TcpProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._held: list[bytes] = []
+        self.accepted = 0
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
@@ -77,6 +78,7 @@ class TcpProxy:
         task = asyncio.current_task()
         assert task is not None
         self._links.add(task)
+        self.accepted += 1
         upstream_writer: asyncio.StreamWriter | None = None
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(

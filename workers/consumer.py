@@ -14,11 +14,20 @@ from callpipe.broker import ConfirmedPublisher, PublishFailedError, plain_header
 from schemas import codec
 from schemas.topology import HEADER_ERROR, Kind, Topology
 from workers.delivery import decode_delivery
-from workers.errors import Action, RetryPolicy, TransientError, backoff_delay, decide
+from workers.errors import (
+    Action,
+    PermanentError,
+    RetryPolicy,
+    TransientError,
+    backoff_delay,
+    decide,
+)
 from workers.events import routing_key_of
 from workers.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
+
+CANCEL_TIMEOUT_S = 5.0
 
 
 class AmqpEventPublisher:
@@ -82,9 +91,11 @@ class CallConsumer:
         await stop.wait()
         self._stopping.set()
         try:
-            await self._queue.cancel(tag)
+            # Cancelling waits for the channel; while the broker is away that would be forever.
+            async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                await self._queue.cancel(tag)
         except Exception as exc:  # the broker is gone: its unacked deliveries return anyway
-            log.warning("worker %s could not cancel its consumer: %s", self._kind, exc)
+            log.warning("worker %s could not cancel its consumer: %r", self._kind, exc)
         if self._in_flight:
             log.info(
                 "worker %s finishing %d in-flight deliveries", self._kind, len(self._in_flight)
@@ -101,7 +112,7 @@ class CallConsumer:
             self._in_flight.discard(task)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        failures = 0
+        failures = unexpected = 0
         while True:
             error: Exception | None = None
             try:
@@ -110,7 +121,9 @@ class CallConsumer:
             except Exception as exc:
                 error = exc
                 failures += 1
-            action = decide(error, failures, self._policy)
+                if not isinstance(exc, TransientError | PermanentError):
+                    unexpected += 1
+            action = decide(error, unexpected, self._policy)
             if action is Action.DEAD_LETTER and error is not None:
                 action = await self._dead_letter(message, error)
             if action is Action.ACK:

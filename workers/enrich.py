@@ -42,7 +42,10 @@ def parse_call_time(value: str | None, tz: ZoneInfo) -> datetime | None:
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=tz)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # year 1 or 9999 shifted past the calendar's edge
+        return None
 
 
 def enrich(payload: CallEndPayload, *, region: str, tz: ZoneInfo) -> CallFields:

@@ -30,10 +30,11 @@ class RetryPolicy:
     max_delay_s: float = 30.0
 
 
-def decide(error: BaseException | None, attempt: int, policy: RetryPolicy) -> Action:
+def decide(error: BaseException | None, unexpected_failures: int, policy: RetryPolicy) -> Action:
     """Ack a success; retry transient failures for as long as it takes; dead-letter the rest.
 
-    `attempt` counts the failures of this delivery so far, this one included.
+    `unexpected_failures` counts this delivery's failures that were neither transient nor
+    permanent, this one included: transient ones (an outage) never use up that budget.
     """
     if error is None:
         return Action.ACK
@@ -41,7 +42,7 @@ def decide(error: BaseException | None, attempt: int, policy: RetryPolicy) -> Ac
         return Action.RETRY
     if isinstance(error, PermanentError):
         return Action.DEAD_LETTER
-    if attempt < policy.max_unexpected_attempts:
+    if unexpected_failures < policy.max_unexpected_attempts:
         return Action.RETRY
     return Action.DEAD_LETTER
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from contextlib import AsyncExitStack
 
 import asyncpg
 
 from callpipe.broker import ConfirmedPublisher, connect, declare_topology, work_queue_arguments
+from callpipe.retry import StoppedError, retry_until_done
 from callpipe.settings import Settings
 from schemas.topology import Kind
 from workers.consumer import AmqpEventPublisher, CallConsumer
@@ -21,24 +21,7 @@ from workers.storage import PostgresCallStore, create_pool
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-
-async def retry_until_done(
-    what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event
-) -> T:
-    """Start-up steps wait for their service to come up instead of crashing the worker."""
-    delay = 0.5
-    while True:
-        try:
-            return await attempt()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            if stop.is_set():
-                raise
-            log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            delay = min(delay * 2, 10.0)
+DATABASE_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 async def migrate_database(settings: Settings) -> list[str]:
@@ -49,37 +32,59 @@ async def migrate_database(settings: Settings) -> list[str]:
         await conn.close()
 
 
+async def migrate_when_up(settings: Settings, stop: asyncio.Event | None = None) -> list[str]:
+    return await retry_until_done(
+        "database migration", lambda: migrate_database(settings), retry_on=DATABASE_DOWN, stop=stop
+    )
+
+
 async def run_worker(settings: Settings, kind: Kind, stop: asyncio.Event) -> None:
     """Consume `{ns}.call-<kind>` until `stop`; in-flight deliveries are finished and acked."""
+    async with AsyncExitStack() as resources:
+        try:
+            consumer = await _start(settings, kind, stop, resources)
+        except StoppedError:
+            log.info("worker %s stopped while starting", kind)
+            return
+        await consumer.run(stop, settings.shutdown_timeout_s)
+    log.info("worker %s stopped", kind)
+
+
+async def _start(
+    settings: Settings, kind: Kind, stop: asyncio.Event, resources: AsyncExitStack
+) -> CallConsumer:
     topology = settings.topology
-    await retry_until_done("database migration", lambda: migrate_database(settings), stop)
+    await migrate_when_up(settings, stop)
     # Separate connections: a blocked publisher (broker alarm) must not freeze the acks.
     consume_conn = await connect(settings.amqp_url, name=f"callpipe-worker-{kind}", stop=stop)
+    resources.push_async_callback(_close_quietly, consume_conn.close, settings)
     publish_conn = await connect(
         settings.amqp_url, name=f"callpipe-worker-{kind}-publish", stop=stop
     )
+    resources.push_async_callback(_close_quietly, publish_conn.close, settings)
     pool = await create_pool(settings.database_url, settings.namespace, min(settings.prefetch, 10))
+    resources.push_async_callback(_close_quietly, pool.close, settings)
+
+    channel = await consume_conn.channel()
+    await declare_topology(channel, topology)
+    await channel.set_qos(prefetch_count=settings.prefetch)
+    queue = await channel.declare_queue(
+        topology.call_queue(kind), durable=True, arguments=work_queue_arguments(topology)
+    )
+    publisher = await ConfirmedPublisher.open(publish_conn, settings.publish_timeout_s)
+    events = AmqpEventPublisher(publisher, topology)
+    pipeline = Pipeline(
+        store=PostgresCallStore(pool),
+        events=events,
+        region=settings.default_region,
+        tz=settings.time_zone,
+    )
+    return CallConsumer(queue, kind, pipeline, events, RetryPolicy())
+
+
+async def _close_quietly(close: Callable[[], Awaitable[object]], settings: Settings) -> None:
+    """Closing what is already broken must neither fail nor hang the stop."""
     try:
-        channel = await consume_conn.channel()
-        await declare_topology(channel, topology)
-        await channel.set_qos(prefetch_count=settings.prefetch)
-        queue = await channel.declare_queue(
-            topology.call_queue(kind), durable=True, arguments=work_queue_arguments(topology)
-        )
-        publisher = await ConfirmedPublisher.open(publish_conn, settings.publish_timeout_s)
-        events = AmqpEventPublisher(publisher, topology)
-        pipeline = Pipeline(
-            store=PostgresCallStore(pool),
-            events=events,
-            region=settings.default_region,
-            tz=settings.time_zone,
-        )
-        consumer = CallConsumer(queue, kind, pipeline, events, RetryPolicy())
-        await consumer.run(stop, settings.shutdown_timeout_s)
-    finally:
-        for closing in (consume_conn.close(), publish_conn.close(), pool.close()):
-            try:
-                await asyncio.wait_for(closing, timeout=settings.shutdown_timeout_s)
-            except Exception as exc:  # closing what is already broken must not fail the stop
-                log.warning("worker %s: %s while closing", kind, exc)
-        log.info("worker %s stopped", kind)
+        await asyncio.wait_for(close(), timeout=settings.shutdown_timeout_s)
+    except Exception as exc:
+        log.warning("%r while closing", exc)

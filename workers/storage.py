@@ -76,6 +76,11 @@ FROM (
 ) AS earlier
 ON CONFLICT (project, call_id) DO UPDATE SET
     {merges},
+    -- Counted once, when the row first knows its caller and time (whichever half brings them).
+    previous_calls = CASE WHEN c.caller IS NULL OR c.called_at IS NULL
+        THEN EXCLUDED.previous_calls ELSE c.previous_calls END,
+    is_repeat_caller = CASE WHEN c.caller IS NULL OR c.called_at IS NULL
+        THEN EXCLUDED.is_repeat_caller ELSE c.is_repeat_caller END,
     start_received_at = COALESCE(c.start_received_at, EXCLUDED.start_received_at),
     end_received_at = COALESCE(c.end_received_at, EXCLUDED.end_received_at),
     updated_at = now()
@@ -118,16 +123,21 @@ class CallStore(Protocol):
     async def publish_pending(self, event_id: str, send: EventSender) -> bool: ...
 
 
-# Connection trouble and conflicts that a retry resolves.
+# Trouble that passes: lost connections, failover, restarts, full disks, rotated passwords,
+# serialization conflicts, and a schema not (yet, or no longer) migrated. Retrying holds the
+# message; giving up would dead-letter healthy webhooks.
 _TRANSIENT = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.ReadOnlySQLTransactionError,
     asyncpg.TransactionRollbackError,
-    asyncpg.TooManyConnectionsError,
+    asyncpg.UndefinedTableError,
 )
 
 
@@ -215,6 +225,9 @@ class PostgresCallStore:
         except _TRANSIENT as exc:
             raise TransientError(f"database: {type(exc).__name__}: {exc}") from exc
         except asyncpg.DataError as exc:
-            raise PermanentError(f"database refused the data: {exc}") from exc
+            # Not the message text: asyncpg quotes the offending value, which may be personal.
+            raise PermanentError(
+                f"database refused the data: {type(exc).__name__} ({exc.sqlstate})"
+            ) from exc
         except asyncio.CancelledError:
             raise

@@ -289,3 +289,17 @@ async def test_a_nul_character_postgresql_cannot_store_does_not_lose_the_call(
         "acme:nul:end",
     )
     assert codec.loads(payload)["x\ufffd"] == ["\ufffd"]
+
+
+async def test_repeat_count_waits_for_the_half_that_brings_caller_and_time(
+    client: Client, settings: Settings, db: asyncpg.Pool, workers: Workers
+) -> None:
+    workers.start_both(settings)
+    await post(client, "start", {**START, "id": "earlier", "date": "2026-11-01 10:00:00"})
+    await wait_row(db, settings, "earlier", ended=False)
+    # A start without caller or date, then the end that has them.
+    await post(client, "start", {"id": "later", "city": "Казань"})
+    await wait_row(db, settings, "later", ended=False)
+    await post(client, "end", {**END, "id": "later", "date": "2026-11-02 10:00:00"})
+    row = await wait_row(db, settings, "later")
+    assert (row["previous_calls"], row["is_repeat_caller"]) == (1, True)

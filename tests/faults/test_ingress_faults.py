@@ -6,18 +6,22 @@ import asyncio
 import os
 import signal
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 from aiohttp.test_utils import TestClient, TestServer
 from callpipe_testing import TcpProxy, wait_for
 from conftest import Services, make_settings
 
+from callpipe.broker import delete_topology
 from ingress.app import BROKER, init_app
 from schemas import codec
+from schemas.topology import Topology
 
 CALL = codec.dumps({"id": "42", "caller": "79990009911"})
 
@@ -167,3 +171,25 @@ async def test_sigterm_finishes_in_flight_webhooks_then_exits_0(
             await process.wait()
         assert process.stderr is not None
         print((await process.stderr.read()).decode())
+
+
+async def test_ingress_keeps_retrying_a_topology_that_fails_to_declare(
+    services: Services, amqp: AbstractRobustConnection
+) -> None:
+    """A queue declared with other arguments (PRECONDITION_FAILED) must not leave it dead."""
+    namespace = f"cpt_{uuid.uuid4().hex[:12]}"
+    topology = Topology(namespace)
+    async with amqp.channel() as channel:
+        await channel.declare_queue(topology.call_queue("start"), durable=True)  # classic queue
+    try:
+        app = init_app(make_settings(services, namespace))
+        async with TestClient(TestServer(app)) as client:
+            assert (await client.get("/readyz")).status == 503
+            assert (await client.post("/roistat/tok-acme/call-start", data=CALL)).status == 503
+            async with amqp.channel() as channel:
+                await channel.queue_delete(topology.call_queue("start"))
+            await asyncio.wait_for(app[BROKER].wait_ready(), timeout=20)
+            assert (await client.post("/roistat/tok-acme/call-start", data=CALL)).status == 200
+    finally:
+        async with amqp.channel() as channel:
+            await delete_topology(channel, topology)

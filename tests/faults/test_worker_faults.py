@@ -26,6 +26,7 @@ from schemas.topology import DELIVERY_LIMIT, Topology
 from workers.delivery import decode_delivery
 from workers.enrich import enrich
 from workers.events import build_event
+from workers.service import run_worker
 from workers.storage import PostgresCallStore, create_pool
 
 
@@ -335,3 +336,43 @@ async def test_stored_but_unpublished_event_is_published_on_redelivery(
     await wait_for(lambda: _arrived(events), what="the event on the exchange")
     assert [m.message_id for m in events.messages] == ["acme:half-done:end"]
     assert await stored_calls(db, settings) == 1
+
+
+async def test_sigterm_while_the_broker_is_unreachable_still_stops_the_worker(
+    services: Services,
+    namespace: str,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    proxies: dict[str, TcpProxy],
+) -> None:
+    settings = make_settings(
+        services,
+        namespace,
+        amqp_url=through(services.amqp_url, proxies["amqp"], "?reconnect_interval=0.5"),
+    )
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, "end", stop))
+    await publish(amqp, settings.topology, [webhook("x")])
+    await wait_for(lambda: stored_calls(db, settings), what="the worker under way")
+    await proxies["amqp"].cut()
+    stop.set()
+    await asyncio.wait_for(worker, timeout=15)  # returns, and does not raise
+
+
+async def test_stop_while_waiting_for_the_database_at_start_up_is_a_clean_stop(
+    services: Services, namespace: str, proxies: dict[str, TcpProxy]
+) -> None:
+    proxies["db"].freeze()  # connections open, then hang: the worst case for a stop
+    settings = make_settings(
+        services, namespace, database_url=through(services.database_url, proxies["db"])
+    )
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, "start", stop))
+    await wait_for(lambda: _attempted(proxies["db"]), what="a first connection attempt")
+    assert not worker.done()
+    stop.set()
+    await asyncio.wait_for(worker, timeout=15)
+
+
+async def _attempted(proxy: TcpProxy) -> bool:
+    return proxy.accepted > 0

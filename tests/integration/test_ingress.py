@@ -138,6 +138,7 @@ async def test_oversize_chunked_body_without_content_length_is_413(client: Clien
         (b'{"caller": "79990009911"}', 422, "missing_id", '"id"'),
         (b'{"id": ""}', 422, "missing_id", '"id"'),
         (b'{"id": true}', 422, "missing_id", '"id"'),
+        (b'{"id": "' + b"7" * 200 + b'"}', 422, "id_too_long", "128 bytes"),
     ],
 )
 async def test_rejected_body_gets_a_json_error_and_is_kept_in_rejected(

@@ -76,6 +76,8 @@ def test_parse_call_time(value: str, tz: ZoneInfo, expected: datetime) -> None:
         "nan",
         "inf",
         "1e30",
+        "0001-01-01 00:00:00",
+        "9999-12-31T23:59:59-05:00",
     ],
 )
 def test_unreadable_time_is_none(value: str | None) -> None:

@@ -67,6 +67,10 @@ def _nested(depth: int) -> bytes:
         pytest.param(b'{"id": {"value": 1}}', "missing_id", id="object-id"),
         pytest.param(b'{"id": [1]}', "missing_id", id="array-id"),
         pytest.param(b'{"ID": "a"}', "missing_id", id="wrong-case-key"),
+        pytest.param(b'{"id": "' + b"9" * 129 + b'"}', "id_too_long", id="id-too-long"),
+        pytest.param(
+            ('{"id": "%s"}' % ("я" * 65)).encode(), "id_too_long", id="id-too-long-in-bytes"
+        ),
     ],
 )
 def test_read_webhook_refuses_with_reason(body: bytes, reason: str) -> None:
@@ -79,6 +83,18 @@ def test_read_webhook_refuses_with_reason(body: bytes, reason: str) -> None:
 
 def test_read_webhook_ignores_a_utf8_byte_order_mark() -> None:
     assert read_webhook(b'\xef\xbb\xbf{"id": "7", "city": "\xd0\x9c"}') == {"id": "7", "city": "М"}
+
+
+def test_longest_call_id_is_accepted() -> None:
+    assert read_webhook(b'{"id": "' + b"9" * 128 + b'"}')["id"] == "9" * 128
+
+
+def test_custom_fields_as_a_string_nested_too_deep_is_missing_not_an_error() -> None:
+    deep = "[" * 300 + "]" * 300
+    assert (
+        parse_webhook(orjson.dumps({"id": "1", "custom_fields": deep}), "end").payload.custom_fields
+        is None
+    )
 
 
 def test_parse_webhook_replaces_nul_that_postgresql_cannot_store() -> None:

@@ -46,6 +46,7 @@ def test_parse_tokens(spec: str, expected: dict[str, str]) -> None:
         ("shop:abc,blog", "#2"),
         ("shop:abc,blog:", "#2"),
         ("shop:abc,blog:abc", "given twice"),
+        ("x" * 65 + ":abc", "longer than 64 bytes"),
     ],
 )
 def test_parse_tokens_names_the_bad_entry(spec: str, message: str) -> None:
@@ -59,6 +60,12 @@ def test_duplicate_token_error_does_not_leak_the_token() -> None:
     assert "s3cret" not in str(caught.value)
     assert "'shop'" in str(caught.value)
     assert "'blog'" in str(caught.value)
+
+
+def test_a_bad_tokens_setting_does_not_print_the_tokens() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(tokens="shop:s3cret-one,blog")
+    assert "s3cret-one" not in str(caught.value)
 
 
 def test_defaults() -> None:
