@@ -12,7 +12,7 @@ from workers.delivery import ReceivedWebhook
 from workers.enrich import enrich
 from workers.events import build_event
 from workers.phones import mask_phone
-from workers.storage import CallStore
+from workers.storage import CallStore, Recorded
 
 log = logging.getLogger(__name__)
 
@@ -24,28 +24,23 @@ class EventPublisher(Protocol):
 
 
 @dataclass(frozen=True)
-class Processed:
-    stored: bool  # False: a duplicate or a redelivery of a stored webhook
-    published: bool  # False: its event had been published before
-
-
-@dataclass(frozen=True)
 class Pipeline:
     store: CallStore
     events: EventPublisher
     region: str
     tz: ZoneInfo
 
-    async def process(self, webhook: ReceivedWebhook) -> Processed:
+    async def process(self, webhook: ReceivedWebhook) -> Recorded:
         call = enrich(webhook.payload, region=self.region, tz=self.tz)
-        stored = await self.store.record(webhook, call, partial(build_event, webhook))
-        published = await self.store.publish_pending(webhook.event_id, self.events.publish_event)
+        recorded = await self.store.record(
+            webhook, call, partial(build_event, webhook), self.events.publish_event
+        )
         log.info(
             "call %s %s from %s: %s%s",
             webhook.event_id,
             call.outcome or "started",
             mask_phone(call.caller),
-            "stored" if stored else "duplicate",
-            ", event published" if published else "",
+            "stored" if recorded.stored else "duplicate",
+            ", event published" if recorded.published else "",
         )
-        return Processed(stored=stored, published=published)
+        return recorded

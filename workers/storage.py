@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import asyncpg
@@ -99,7 +100,9 @@ RETURNING event_id
 
 LOCK_CALLER = "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))"
 
-SET_EVENT = "UPDATE call_events SET event = $2 WHERE event_id = $1"
+SET_EVENT_PUBLISHED = """
+UPDATE call_events SET event = $2, published_at = now() WHERE event_id = $1
+"""
 
 LOCK_UNPUBLISHED = """
 SELECT event FROM call_events
@@ -113,14 +116,22 @@ EventRenderer = Callable[[CallFields], CallEvent]
 EventSender = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class Recorded:
+    stored: bool  # False: a duplicate or a redelivery of a stored webhook
+    published: bool  # False: its event had been published before
+
+
 class CallStore(Protocol):
     """The storage port the pipeline needs."""
 
     async def record(
-        self, webhook: ReceivedWebhook, call: CallFields, render: EventRenderer
-    ) -> bool: ...
-
-    async def publish_pending(self, event_id: str, send: EventSender) -> bool: ...
+        self,
+        webhook: ReceivedWebhook,
+        call: CallFields,
+        render: EventRenderer,
+        send: EventSender,
+    ) -> Recorded: ...
 
 
 # Trouble that passes: lost connections, failover, restarts, full disks, rotated passwords,
@@ -150,6 +161,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to reset between uses: locks are transaction-scoped, no LISTEN, no SET.
+
+    asyncpg's default reset costs a round trip per release, twice per message.
+    """
+
+
 async def create_pool(database_url: str, namespace: str, max_size: int) -> asyncpg.Pool:
     """A lazy pool: no connection is opened until one is needed, so start-up never fails."""
     return await asyncpg.create_pool(
@@ -157,6 +175,7 @@ async def create_pool(database_url: str, namespace: str, max_size: int) -> async
         min_size=0,
         max_size=max_size,
         init=_init_connection,
+        reset=_keep_session,
         server_settings={"search_path": f'"{namespace}"', "application_name": "callpipe-worker"},
         command_timeout=30,
     )
@@ -167,11 +186,18 @@ class PostgresCallStore:
         self._pool = pool
 
     async def record(
-        self, webhook: ReceivedWebhook, call: CallFields, render: EventRenderer
-    ) -> bool:
-        """Claim the webhook's event id and merge its call row, atomically.
+        self,
+        webhook: ReceivedWebhook,
+        call: CallFields,
+        render: EventRenderer,
+        send: EventSender,
+    ) -> Recorded:
+        """Store the webhook once and publish its event once.
 
-        False when the id was already claimed (a duplicate or a redelivery): nothing changes.
+        A first delivery claims the event id, merges the call row and publishes the event in
+        one transaction: the commit comes after the broker's confirm, so a failure anywhere
+        leaves nothing behind and the redelivery starts over. A duplicate or a redelivery
+        finds the id claimed and publishes the event only if it is still unpublished.
         """
         async with self._transaction() as conn:
             if call.caller is not None:
@@ -187,28 +213,33 @@ class PostgresCallStore:
                 webhook.received_at,
                 webhook.document,
             )
-            if claimed is None:
-                return False
-            row = await conn.fetchrow(
-                UPSERT_CALLS,
-                webhook.project,
-                webhook.call_id,
-                webhook.kind == "end",
-                webhook.received_at,
-                *(getattr(call, name) for name in MERGED_COLUMNS),
-            )
-            assert row is not None
-            known = call.model_copy(
-                update={
-                    "previous_calls": row["previous_calls"],
-                    "is_repeat_caller": row["is_repeat_caller"],
-                }
-            )
-            await conn.execute(SET_EVENT, webhook.event_id, render(known).to_json_dict())
-            return True
+            if claimed is not None:
+                row = await conn.fetchrow(
+                    UPSERT_CALLS,
+                    webhook.project,
+                    webhook.call_id,
+                    webhook.kind == "end",
+                    webhook.received_at,
+                    *(getattr(call, name) for name in MERGED_COLUMNS),
+                )
+                assert row is not None
+                known = call.model_copy(
+                    update={
+                        "previous_calls": row["previous_calls"],
+                        "is_repeat_caller": row["is_repeat_caller"],
+                    }
+                )
+                event = render(known).to_json_dict()
+                # The claimed row is this transaction's until commit: nobody else publishes it.
+                await send(event)
+                await conn.execute(SET_EVENT_PUBLISHED, webhook.event_id, event)
+                return Recorded(stored=True, published=True)
+        published = await self._publish_pending(webhook.event_id, send)
+        return Recorded(stored=False, published=published)
 
-    async def publish_pending(self, event_id: str, send: EventSender) -> bool:
-        """Send the stored event unless already published, holding its row lock meanwhile."""
+    async def _publish_pending(self, event_id: str, send: EventSender) -> bool:
+        """A stored event not yet published (stored by an older version, or by hand) is sent
+        now, holding its row lock so that concurrent redeliveries send it once."""
         async with self._transaction() as conn:
             event = await conn.fetchval(LOCK_UNPUBLISHED, event_id)
             if event is None:
