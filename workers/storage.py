@@ -101,7 +101,7 @@ RETURNING event_id
 LOCK_CALLER = "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))"
 
 SET_EVENT_PUBLISHED = """
-UPDATE call_events SET event = $2, published_at = now() WHERE event_id = $1
+UPDATE call_events SET event = $2, published_at = clock_timestamp() WHERE event_id = $1
 """
 
 LOCK_UNPUBLISHED = """
@@ -110,7 +110,7 @@ WHERE event_id = $1 AND published_at IS NULL AND event IS NOT NULL
 FOR UPDATE
 """
 
-MARK_PUBLISHED = "UPDATE call_events SET published_at = now() WHERE event_id = $1"
+MARK_PUBLISHED = "UPDATE call_events SET published_at = clock_timestamp() WHERE event_id = $1"
 
 EventRenderer = Callable[[CallFields], CallEvent]
 EventSender = Callable[[dict[str, Any]], Awaitable[None]]
