@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from callpipe.broker import connect, declare_topology
 from callpipe.logs import setup_logging
+from callpipe.replay import replay_dead
 from callpipe.runner import Component, run, run_until_signalled, serve_ingress
 from callpipe.sample import send_sample
 from callpipe.settings import Settings
@@ -31,6 +32,16 @@ async def setup(settings: Settings) -> int:
     return 0
 
 
+async def replay(settings: Settings, limit: int) -> int:
+    connection = await connect(settings.amqp_url, name="callpipe-replay")
+    async with connection:
+        report = await replay_dead(
+            connection, settings.topology, limit=limit, timeout_s=settings.publish_timeout_s
+        )
+    print(report.line())
+    return 0
+
+
 async def serve(components: list[Component]) -> int:
     return await run_until_signalled(components)
 
@@ -45,6 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     worker = commands.add_parser("worker", help="a worker for one queue kind")
     worker.add_argument("kind", choices=["start", "end"])
     commands.add_parser("setup", help="declare the RabbitMQ topology, migrate the database")
+    replay = commands.add_parser(
+        "replay-dead", help="send the call webhooks in {ns}.dead back to the workers"
+    )
+    replay.add_argument("--limit", type=int, default=10000, help="at most this many (10000)")
     sample = commands.add_parser("send-sample", help="post sample Roistat calls to an ingress")
     sample.add_argument(
         "--url",
@@ -75,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "setup":
         return asyncio.run(setup(settings))
+    if args.command == "replay-dead":
+        return asyncio.run(replay(settings, args.limit))
     if args.command in ("run", "ingress") and not settings.project_by_token:
         print("callpipe: CALLPIPE_TOKENS is empty: set it to project:token[,...]", file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ from callpipe_testing import TcpProxy, wait_for
 from conftest import Collector, Services, Workers, make_settings
 
 from callpipe.broker import plain_headers
+from callpipe.replay import replay_dead
 from callpipe.settings import Settings
 from schemas import codec
 from schemas.topology import DELIVERY_LIMIT, Topology
@@ -388,3 +389,30 @@ async def test_stop_while_waiting_for_the_database_at_start_up_is_a_clean_stop(
 
 async def _attempted(proxy: TcpProxy) -> bool:
     return proxy.accepted > 0
+
+
+async def test_replay_dead_sends_call_webhooks_back_and_keeps_the_rest(
+    settings: Settings, amqp: AbstractRobustConnection, db: asyncpg.Pool, workers: Workers
+) -> None:
+    topology = settings.topology
+    dead_again = webhook("dead-once")
+    dead_again.headers["x-callpipe-error"] = "TransientError: database was down for hours"
+    async with amqp.channel() as channel:
+        dead = await channel.get_exchange(topology.dead_exchange)
+        await dead.publish(dead_again, "roistat.call.end")
+        await dead.publish(aio_pika.Message(b"not a webhook"), "something.else")
+
+    report = await replay_dead(amqp, topology, limit=100, timeout_s=5)
+    assert (report.replayed, report.kept) == (1, 1)
+    assert await queue_depth(amqp, topology.dead_queue) == 1
+
+    async with amqp.channel() as channel:
+        queue = await channel.get_queue(topology.call_queue("end"))
+        replayed = await wait_for(lambda: queue.get(fail=False), what="the replayed webhook")
+        await replayed.nack(requeue=True)
+    assert replayed.body == dead_again.body
+    assert "x-callpipe-error" not in (replayed.headers or {})
+    assert plain_headers(replayed.headers)["x-callpipe-project"] == "acme"
+
+    workers.start(settings, "end")
+    await wait_for(lambda: published_events(db, settings), what="the replayed call stored")

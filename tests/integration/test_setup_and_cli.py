@@ -120,3 +120,12 @@ async def test_send_sample_fills_calls_through_the_pipeline(
         f'SELECT count(*) FROM "{settings.namespace}".call_events WHERE published_at IS NOT NULL'
     )
     assert events == 50
+
+
+async def test_replay_dead_command_reports_what_it_did(settings: Settings) -> None:
+    code, output = await run_cli(
+        "replay-dead",
+        env={"CALLPIPE_AMQP_URL": settings.amqp_url, "CALLPIPE_NAMESPACE": settings.namespace},
+    )
+    assert code == 0, output
+    assert "replayed 0 dead letters" in output
