@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sample.add_argument(
         "--duplicates", type=float, default=0.1, help="share of calls with a webhook sent twice"
     )
+    sample.add_argument(
+        "--concurrency", type=int, default=1, help="calls in flight at once (default 1: in order)"
+    )
     return parser.parse_args(argv)
 
 
@@ -79,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.command == "send-sample":
         report = asyncio.run(
-            send_sample(args.url, args.calls, seed=args.seed, duplicate_ratio=args.duplicates)
+            send_sample(
+                args.url,
+                args.calls,
+                seed=args.seed,
+                duplicate_ratio=args.duplicates,
+                concurrency=args.concurrency,
+            )
         )
         print("\n".join(report.lines()))
         return 0 if set(report.statuses) <= {"200"} else 1

@@ -103,9 +103,13 @@ async def send_sample(
     seed: int | None = None,
     duplicate_ratio: float = 0.1,
     tz: str = "Europe/Moscow",
-    concurrency: int = 8,
+    concurrency: int = 1,
 ) -> SampleReport:
-    """Post `calls` calls: a start, then an end, some sent twice; retries 503s like Roistat."""
+    """Post `calls` calls: a start, then an end, some sent twice; retries 503s like Roistat.
+
+    With `concurrency` 1 the calls go out in the order of their time, as Roistat would send
+    them, so repeat callers are counted as they would be in production.
+    """
     rng = random.Random(seed)
     now = datetime.now(ZoneInfo(tz)).replace(tzinfo=None)
     callers = [f"7999{rng.randint(1000000, 9999999)}" for _ in range(max(2, calls // 3))]
