@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from functools import partial
 
+import aiohttp
 from pydantic import ValidationError
 
 from callpipe.broker import connect, declare_topology
@@ -17,8 +17,6 @@ from callpipe.runner import Component, run, run_until_signalled, serve_ingress
 from callpipe.sample import send_sample
 from callpipe.settings import Settings
 from workers.service import migrate_when_up, run_worker
-
-log = logging.getLogger("callpipe")
 
 
 async def setup(settings: Settings) -> int:
@@ -40,10 +38,6 @@ async def replay(settings: Settings, limit: int) -> int:
         )
     print(report.line())
     return 0
-
-
-async def serve(components: list[Component]) -> int:
-    return await run_until_signalled(components)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,15 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     if args.command == "send-sample":
-        report = asyncio.run(
-            send_sample(
-                args.url,
-                args.calls,
-                seed=args.seed,
-                duplicate_ratio=args.duplicates,
-                concurrency=args.concurrency,
+        try:
+            report = asyncio.run(
+                send_sample(
+                    args.url,
+                    args.calls,
+                    seed=args.seed,
+                    duplicate_ratio=args.duplicates,
+                    concurrency=args.concurrency,
+                )
             )
-        )
+        except aiohttp.ClientError as exc:
+            print(f"callpipe: cannot post to {args.url}: {exc}", file=sys.stderr)
+            return 1
         print("\n".join(report.lines()))
         return 0 if set(report.statuses) <= {"200"} else 1
     try:
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         components += [partial(run_worker, settings, "start"), partial(run_worker, settings, "end")]
     if args.command == "worker":
         components.append(partial(run_worker, settings, args.kind))
-    return run(serve(components))
+    return run(run_until_signalled(components))
 
 
 if __name__ == "__main__":

@@ -129,3 +129,12 @@ async def test_replay_dead_command_reports_what_it_did(settings: Settings) -> No
     )
     assert code == 0, output
     assert "replayed 0 dead letters" in output
+
+
+async def test_send_sample_to_nowhere_is_a_clear_error() -> None:
+    code, output = await run_cli(
+        "send-sample", "--url", "http://127.0.0.1:9/roistat/x", "--calls", "1", env={}
+    )
+    assert code == 1
+    assert "cannot post to http://127.0.0.1:9/roistat/x" in output
+    assert "Traceback" not in output
