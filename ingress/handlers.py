@@ -41,8 +41,8 @@ class BodyTooLargeError(Exception):
         self.size = size
 
 
-def json_error(status: int, message: str, **extra: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=extra or None)
+def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 async def read_limited(request: web.Request, limit: int) -> bytes:
@@ -167,5 +167,5 @@ class WebhookHandler:
         return json_error(
             503,
             "the message broker did not confirm the webhook; retry later",
-            **{"Retry-After": RETRY_AFTER_S},
+            headers={"Retry-After": RETRY_AFTER_S},
         )
