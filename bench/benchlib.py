@@ -5,6 +5,7 @@ Imported by the scripts next to it (run them as `python bench/<script>.py`).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import metadata
@@ -34,6 +35,7 @@ import asyncpg
 from aio_pika.abc import AbstractConnection
 
 from callpipe.broker import declare_topology, delete_topology
+from callpipe.runner import run
 from callpipe.sample import call_end, sample_call
 from schemas import codec
 from schemas.topology import Topology
@@ -370,3 +372,23 @@ async def remove_namespace(
     else:
         what = "queues, exchanges and schema" if database_url else "queues and exchanges"
         print(f"namespace {namespace}: {what} removed")
+
+
+Bench = Callable[[argparse.Namespace, "Subprocesses"], Coroutine[Any, Any, int]]
+
+
+def run_bench(bench: Bench, args: argparse.Namespace) -> int:
+    """Run a benchmark; its child processes are stopped whatever happens (Ctrl-C included)."""
+    procs = Subprocesses()
+    try:
+        return run(bench(args, procs))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        procs.failed = True
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        procs.failed = True
+        raise
+    finally:
+        procs.stop_all()
+        procs.remove_logs()

@@ -47,6 +47,7 @@ from benchlib import (
     queue_depth,
     remove_namespace,
     require_local,
+    run_bench,
     wait_http_ok,
 )
 
@@ -369,19 +370,7 @@ def main(argv: Sequence[str]) -> int:
         opts = server.parse_args(argv[1:])
         return run(serve(opts.variant, opts.port, opts.amqp_url, opts.namespace))
     args = parse_args(argv)
-    procs = Subprocesses()
-    try:
-        return run(bench(args, procs))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        procs.failed = True
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception:
-        procs.failed = True
-        raise
-    finally:
-        procs.stop_all()
-        procs.remove_logs()
+    return run_bench(bench, args)
 
 
 if __name__ == "__main__":

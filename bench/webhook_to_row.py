@@ -45,10 +45,10 @@ from benchlib import (
     queue_depth,
     remove_namespace,
     require_local,
+    run_bench,
     wait_http_ok,
 )
 
-from callpipe.runner import run
 from schemas.topology import Topology
 
 HEADERS = {"Content-Type": "application/json"}
@@ -534,19 +534,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    procs = Subprocesses()
-    try:
-        return run(bench(args, procs))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        procs.failed = True
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception:
-        procs.failed = True
-        raise
-    finally:
-        procs.stop_all()
-        procs.remove_logs()
+    return run_bench(bench, args)
 
 
 if __name__ == "__main__":
