@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from typing import Any
 
 import aio_pika
@@ -226,8 +228,6 @@ async def test_wrong_method_and_unknown_path_answer_json(client: Client) -> None
 async def test_concurrent_webhooks_each_get_their_own_confirm(
     client: Client, settings: Settings, amqp: AbstractRobustConnection
 ) -> None:
-    import asyncio
-
     bodies = [codec.dumps({**CALL, "id": str(n)}) for n in range(200)]
     responses = await asyncio.gather(
         *(client.post("/roistat/tok-acme/call-start", data=body) for body in bodies)
@@ -242,3 +242,47 @@ async def test_concurrent_webhooks_each_get_their_own_confirm(
 
     queued = await wait_for(all_queued, what="200 messages queued")
     assert sorted(m.body for m in queued) == sorted(bodies)
+
+
+def mutated_bodies(seed: int, count: int) -> list[bytes]:
+    """Valid webhooks damaged the ways networks and senders damage them: cut short, bytes
+    flipped or inserted, wrapped, doubled. Deterministic, so a failure can be replayed."""
+    rng = random.Random(seed)
+    bodies = []
+    for n in range(count):
+        body = bytearray(codec.dumps({**CALL, "id": f"fuzz-{n}", "city": "Москва"}))
+        for _ in range(rng.randint(0, 3)):
+            where = rng.randrange(len(body))
+            match rng.randrange(5):
+                case 0:
+                    del body[where:]
+                case 1:
+                    body[where] = rng.randrange(256)
+                case 2:
+                    body.insert(where, rng.choice(b'{}[]",:\\\x00\xff'))
+                case 3:
+                    body = bytearray(b"[" + body + b"]")
+                case _:
+                    body = body + body
+        bodies.append(bytes(body))
+    return bodies
+
+
+async def test_damaged_bodies_never_500_and_every_answer_matches_a_queue(
+    client: Client, settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    bodies = mutated_bodies(seed=20261125, count=300)
+    statuses = []
+    for body in bodies:
+        response = await client.post("/roistat/tok-acme/call-start", data=body)
+        statuses.append(response.status)
+        assert "error" in await response.json() or response.status == 200
+    assert set(statuses) <= {200, 400, 422}, sorted(set(statuses))
+    assert {200, 400, 422} <= set(statuses), "the mutations should produce every outcome"
+    accepted = await drain(amqp, settings.topology.call_queue("start"))
+    rejected = await drain(amqp, settings.topology.rejected_queue)
+    assert len(accepted) == statuses.count(200)
+    assert len(rejected) == statuses.count(400) + statuses.count(422)
+    # Accepted bodies are the same bytes as sent, and a duplicate id is still accepted.
+    sent_ok = sorted(body for body, status in zip(bodies, statuses, strict=True) if status == 200)
+    assert sorted(message.body for message in accepted) == sent_ok
