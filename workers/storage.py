@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -260,5 +259,3 @@ class PostgresCallStore:
             raise PermanentError(
                 f"database refused the data: {type(exc).__name__} ({exc.sqlstate})"
             ) from exc
-        except asyncio.CancelledError:
-            raise
