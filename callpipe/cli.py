@@ -73,8 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging()
     if args.command == "send-sample":
+        setup_logging()
         try:
             report = asyncio.run(
                 send_sample(
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"callpipe: bad configuration:\n{exc}", file=sys.stderr)
         return 2
+    setup_logging(settings.log_level)
     if args.command == "setup":
         return asyncio.run(setup(settings))
     if args.command == "replay-dead":

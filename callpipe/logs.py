@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def setup_logging() -> None:
-    level = os.environ.get("CALLPIPE_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # aio-pika and aiormq are chatty about reconnects at INFO.
-    logging.getLogger("aiormq").setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    quieter = max(logging.WARNING, logging.getLevelNamesMapping()[level])
+    logging.getLogger("aiormq").setLevel(quieter)
+    logging.getLogger("aio_pika").setLevel(quieter)

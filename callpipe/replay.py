@@ -44,8 +44,8 @@ async def replay_dead(
     """Republish up to `limit` call webhooks from `{ns}.dead` to `{ns}.webhooks`.
 
     Each is acked in the dead queue only after the broker confirmed its copy, so a failure
-    half-way loses nothing. Only the messages present at the start are looked at once:
-    anything else (not a call webhook) is put back and stays for a human.
+    half-way loses nothing. Only the messages present at the start are looked at, once:
+    anything else (not a call webhook) goes back to the end of `{ns}.dead` for a human.
     """
     report = ReplayReport()
     channel = await connection.channel()
@@ -58,19 +58,20 @@ async def replay_dead(
             message = await queue.get(fail=False)
             if message is None:
                 break
-            if message.routing_key not in REPLAYABLE:
-                await message.nack(requeue=True)
-                report.kept += 1
-                continue
+            routing_key = message.routing_key or ""
+            replayable = routing_key in REPLAYABLE
+            # Not a webhook: put at the back of {ns}.dead by a fresh publish, not by a requeue,
+            # which would count towards a delivery limit (RabbitMQ 4 sets one by default).
+            exchange = topology.webhooks_exchange if replayable else topology.dead_exchange
             headers = {
                 key: value
                 for key, value in (message.headers or {}).items()
-                if key not in DROPPED_HEADERS
+                if not replayable or key not in DROPPED_HEADERS
             }
             try:
                 await publisher.publish(
-                    topology.webhooks_exchange,
-                    message.routing_key,
+                    exchange,
+                    routing_key,
                     message.body,
                     message_id=message.message_id or "",
                     headers=headers,
@@ -79,7 +80,10 @@ async def replay_dead(
                 await message.nack(requeue=True)
                 raise
             await message.ack()
-            report.replayed += 1
+            if replayable:
+                report.replayed += 1
+            else:
+                report.kept += 1
     finally:
         await publisher.close()
         await channel.close()

@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from callpipe.logs import LEVELS
 from schemas.topology import Topology, validate_namespace
 
 
@@ -31,6 +32,14 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=32, ge=1, le=10000)
     publish_timeout_s: float = Field(default=5.0, gt=0)
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
+    log_level: str = "INFO"
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LEVELS)}")
+        return value.upper()
 
     @field_validator("namespace")
     @classmethod

@@ -55,7 +55,7 @@ def services() -> Iterator[Services]:
         from testcontainers.postgres import PostgresContainer
         from testcontainers.rabbitmq import RabbitMqContainer
 
-        with RabbitMqContainer("rabbitmq:3.13") as rabbit, PostgresContainer("postgres:16") as pg:
+        with RabbitMqContainer("rabbitmq:4") as rabbit, PostgresContainer("postgres:16") as pg:
             amqp = f"amqp://guest:guest@{rabbit.get_container_host_ip()}:{rabbit.get_exposed_port(5672)}/"
             db = pg.get_connection_url(driver=None).replace("postgresql+psycopg2", "postgresql")
             yield Services(amqp, db)
@@ -121,7 +121,7 @@ def make_settings(services: Services, namespace: str, **overrides: Any) -> Setti
         "tokens": TOKENS,
         "http_host": "127.0.0.1",
         "http_port": free_port(),
-        "publish_timeout_s": 2.0,
+        "publish_timeout_s": 10.0,  # slow fsyncs on a busy CI box must not fail a test
         "shutdown_timeout_s": 10.0,
         "prefetch": 16,
     }

@@ -118,8 +118,8 @@ async def test_end_before_start_gives_the_same_row_as_start_before_end(
     workers.start_both(settings)
     await post(client, "start", {**START, "id": "in-order"})
     await wait_row(db, settings, "in-order", ended=False)
-    await post(client, "end", {**END, "id": "in-order", "city": ""})
-    await post(client, "end", {**END, "id": "reversed", "city": ""})
+    await post(client, "end", {**END, "id": "in-order", "city": "", "marker": "from-the-end"})
+    await post(client, "end", {**END, "id": "reversed", "city": "", "marker": "from-the-end"})
     await wait_row(db, settings, "reversed")
     await post(client, "start", {**START, "id": "reversed"})
     in_order = await wait_row(db, settings, "in-order")
@@ -128,8 +128,12 @@ async def test_end_before_start_gives_the_same_row_as_start_before_end(
     assert {k: v for k, v in in_order.items() if k not in volatile} == {
         k: v for k, v in reversed_.items() if k not in volatile
     }
-    # The end's empty city did not erase the start's.
+    # The end's empty city did not erase the start's; its marker won over the start's.
     assert reversed_["city"] == "Москва"
+    assert in_order["marker"] == reversed_["marker"] == "from-the-end"
+    # Each half's arrival time is its own.
+    assert in_order["start_received_at"] < in_order["end_received_at"]
+    assert reversed_["end_received_at"] < reversed_["start_received_at"]
 
 
 async def test_the_same_webhook_three_times_is_one_row_and_one_event(
@@ -222,7 +226,12 @@ async def test_repeat_caller_counts_earlier_calls_within_30_days(
     for call_id, date in calls:
         await post(client, "start", {**START, "id": call_id, "date": date})
         await wait_row(db, settings, call_id, ended=False)
-    await post(client, "start", {**START, "id": "other-caller", "caller": "79990001122"})
+    # Inside the window of "third", but another number, or another project.
+    await post(
+        client,
+        "start",
+        {**START, "id": "other-caller", "caller": "79990001122", "date": "2026-10-26 10:00:00"},
+    )
     await post(
         client, "start", {**START, "id": "other-project", "date": "2026-10-26 10:00:00"}, "tok-beta"
     )
@@ -238,7 +247,16 @@ async def test_repeat_caller_counts_earlier_calls_within_30_days(
     }
     other = await wait_row(db, settings, "other-caller", ended=False)
     assert other["previous_calls"] == 0
-    # The end of a call does not recount.
+
+    async def beta_row() -> Any:
+        return await db.fetchrow(
+            f'SELECT previous_calls FROM "{settings.namespace}".calls WHERE project = $1', "beta"
+        )
+
+    assert (await wait_for(beta_row, what="the other project's call"))["previous_calls"] == 0
+    # A call that would change the count arrives late: the stored count is not redone.
+    await post(client, "start", {**START, "id": "late", "date": "2026-10-22 10:00:00"})
+    await wait_row(db, settings, "late", ended=False)
     await post(client, "end", {**END, "id": "third", "date": "2026-10-25 10:00:00"})
     assert (await wait_row(db, settings, "third"))["previous_calls"] == 2
 

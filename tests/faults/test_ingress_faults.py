@@ -174,7 +174,7 @@ async def test_sigterm_finishes_in_flight_webhooks_then_exits_0(
 
 
 async def test_ingress_keeps_retrying_a_topology_that_fails_to_declare(
-    services: Services, amqp: AbstractRobustConnection
+    services: Services, amqp: AbstractRobustConnection, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A queue declared with other arguments (PRECONDITION_FAILED) must not leave it dead."""
     namespace = f"cpt_{uuid.uuid4().hex[:12]}"
@@ -184,6 +184,11 @@ async def test_ingress_keeps_retrying_a_topology_that_fails_to_declare(
     try:
         app = init_app(make_settings(services, namespace))
         async with TestClient(TestServer(app)) as client:
+
+            async def failed_once() -> bool:
+                return "broker link not set up" in caplog.text
+
+            await wait_for(failed_once, what="a failed set-up of the broker link")
             assert (await client.get("/readyz")).status == 503
             assert (await client.post("/roistat/tok-acme/call-start", data=CALL)).status == 503
             async with amqp.channel() as channel:

@@ -251,11 +251,14 @@ def worker_process_env(settings: Settings) -> dict[str, str]:
         "CALLPIPE_DATABASE_URL": settings.database_url,
         "CALLPIPE_NAMESPACE": settings.namespace,
         "CALLPIPE_PREFETCH": "8",
-        "CALLPIPE_LOG_LEVEL": "WARNING",
+        "CALLPIPE_LOG_LEVEL": "INFO",
+        "CALLPIPE_SHUTDOWN_TIMEOUT_S": "20",
     }
 
 
-async def start_worker_process(settings: Settings) -> asyncio.subprocess.Process:
+async def start_worker_process(
+    settings: Settings, stderr: int | None = None
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -263,21 +266,40 @@ async def start_worker_process(settings: Settings) -> asyncio.subprocess.Process
         "worker",
         "end",
         env=worker_process_env(settings),
+        stderr=stderr,
     )
 
 
+async def _settled(db: asyncpg.Pool, settings: Settings) -> int | None:
+    """The stored count once two reads in a row agree (commits already on the wire landed)."""
+    first = await stored_calls(db, settings)
+    second = await stored_calls(db, settings)
+    return first if first == second else None
+
+
 async def test_worker_killed_mid_stream_loses_nothing_after_restart(
-    settings: Settings, amqp: AbstractRobustConnection, db: asyncpg.Pool, subscribe: Any
+    services: Services,
+    namespace: str,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    subscribe: Any,
+    proxies: dict[str, TcpProxy],
 ) -> None:
+    settings = make_settings(
+        services, namespace, database_url=through(services.database_url, proxies["db"])
+    )
     events: Collector = await subscribe(settings.topology.events_exchange, "call.#")
     total = 400
     await publish(amqp, settings.topology, [webhook(f"k{n}") for n in range(total)])
     process = await start_worker_process(settings)
     try:
         await wait_for(lambda: _stored_at_least(db, settings, 20), what="the worker under way")
+        # Freeze its database link: deliveries are now surely in the middle of processing.
+        proxies["db"].freeze()
         process.send_signal(signal.SIGKILL)
         await process.wait()
-        assert await stored_calls(db, settings) < total, "killed too late to prove anything"
+        assert await stored_calls(db, settings) < total
+        proxies["db"].thaw()
         process = await start_worker_process(settings)
 
         async def all_published() -> bool:
@@ -292,23 +314,52 @@ async def test_worker_killed_mid_stream_loses_nothing_after_restart(
 
 
 async def test_sigterm_finishes_in_flight_and_exits_0(
-    settings: Settings, amqp: AbstractRobustConnection, db: asyncpg.Pool, workers: Workers
+    services: Services,
+    namespace: str,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    proxies: dict[str, TcpProxy],
 ) -> None:
+    settings = make_settings(
+        services, namespace, database_url=through(services.database_url, proxies["db"])
+    )
     total = 200
     await publish(amqp, settings.topology, [webhook(f"t{n}") for n in range(total)])
-    process = await start_worker_process(settings)
+    process = await start_worker_process(settings, stderr=asyncio.subprocess.PIPE)
+    log_lines: list[str] = []
+
+    async def read_log() -> None:
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            log_lines.append(line.decode())
+
+    reading = asyncio.create_task(read_log())
     try:
         await wait_for(lambda: _stored_at_least(db, settings, 10), what="the worker under way")
+        proxies["db"].freeze()  # deliveries in flight, held mid-transaction
+        before = await wait_for(lambda: _settled(db, settings), what="commits to settle")
         process.send_signal(signal.SIGTERM)
+
+        async def draining() -> bool:
+            return any("finishing" in line for line in log_lines)
+
+        await wait_for(draining, what="the worker to stop consuming and drain")
+        proxies["db"].thaw()  # only now can the deliveries in flight finish
         assert await asyncio.wait_for(process.wait(), timeout=30) == 0
     finally:
         if process.returncode is None:
             process.kill()
             await process.wait()
-    # Everything it took is acked and stored; the rest is still queued for the next worker.
+        await reading
     stored = await stored_calls(db, settings)
-    queued = await queue_depth(amqp, settings.topology.call_queue("end"))
-    assert stored + queued == total
+    assert stored > before, "the deliveries in flight at SIGTERM were not finished"
+
+    # Everything it took is stored and acked; the rest is still queued for the next worker.
+    async def accounted_for() -> bool:
+        queued = await queue_depth(amqp, settings.topology.call_queue("end"))
+        return stored + queued == total
+
+    await wait_for(accounted_for, what="every message stored or still queued")
     assert await published_events(db, settings) == stored
 
 
@@ -416,3 +467,37 @@ async def test_replay_dead_sends_call_webhooks_back_and_keeps_the_rest(
 
     workers.start(settings, "end")
     await wait_for(lambda: published_events(db, settings), what="the replayed call stored")
+
+
+async def test_an_unexpected_error_is_retried_a_few_times_then_dead_lettered(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    workers: Workers,
+    subscribe: Any,
+) -> None:
+    """A failure nobody classified (here a trigger of this test's schema) is not retried
+    forever: after the policy's tries the message is kept in {ns}.dead and the queue moves on."""
+    ns = settings.namespace
+    await db.execute(
+        f"""
+        CREATE FUNCTION "{ns}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.call_id = 'cursed' THEN RAISE EXCEPTION 'cursed call'; END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON "{ns}".calls
+            FOR EACH ROW EXECUTE FUNCTION "{ns}".refuse();
+        """
+    )
+    dead: Collector = await subscribe(settings.topology.dead_exchange, "")
+    workers.start(settings, "end")
+    await publish(amqp, settings.topology, [webhook("cursed"), webhook("fine")])
+    await wait_for(lambda: _arrived(dead), what="the dead letter")
+    assert dead.messages[0].message_id == "acme:cursed:end"
+    assert "cursed call" in plain_headers(dead.messages[0].headers)["x-callpipe-error"]
+    await wait_for(lambda: stored_calls(db, settings), what="the next call stored")
+    await workers.stop_all()
+    assert await queue_depth(amqp, settings.topology.call_queue("end")) == 0
+    assert await stored_calls(db, settings) == 1
+    assert len(dead.messages) == 1

@@ -119,13 +119,19 @@ async def test_oversize_body_is_413_counted_and_not_published(
     assert "callpipe_ingress_oversize_total 1.0" in metrics
 
 
-async def test_oversize_chunked_body_without_content_length_is_413(client: Client) -> None:
+async def test_oversize_chunked_body_without_content_length_is_413(
+    client: Client, settings: Settings, amqp: AbstractRobustConnection
+) -> None:
     async def chunks() -> Any:
         for _ in range(100):
             yield b"x" * 1024
 
     response = await client.post("/roistat/tok-acme/call-start", data=chunks())
     assert response.status == 413
+    for queue in settings.topology.work_queues:
+        assert await drain(amqp, queue) == []
+    metrics = await (await client.get("/metrics")).text()
+    assert "callpipe_ingress_oversize_total 1.0" in metrics
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,11 @@ async def test_bad_configuration_is_a_clear_error_not_a_traceback() -> None:
     assert "namespace" in output
     assert "Traceback" not in output
 
+    code, output = await run_cli("worker", "end", env={"CALLPIPE_LOG_LEVEL": "verbose"})
+    assert code == 2
+    assert "log level must be one of" in output
+    assert "Traceback" not in output
+
     code, output = await run_cli("ingress", env={"CALLPIPE_TOKENS": ""})
     assert code == 2
     assert "CALLPIPE_TOKENS" in output
