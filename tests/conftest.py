@@ -22,6 +22,7 @@ import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.test_utils import TestClient, TestServer
+from callpipe_testing import wait_for
 
 from callpipe.broker import declare_topology, delete_topology
 from callpipe.settings import Settings
@@ -188,6 +189,19 @@ class Collector:
 
     def bodies(self) -> list[Any]:
         return [codec.loads(message.body) for message in self.messages]
+
+    async def settle(self, amqp: AbstractRobustConnection, exchange: str, routing_key: str) -> None:
+        """Publish a marker behind everything already sent and wait for it: whatever was
+        published before has arrived by then. The marker is not kept."""
+        async with amqp.channel() as channel:
+            target = await channel.get_exchange(exchange)
+            await target.publish(aio_pika.Message(b"{}", message_id="marker"), routing_key)
+
+        async def marker_seen() -> bool:
+            return any(message.message_id == "marker" for message in self.messages)
+
+        await wait_for(marker_seen, what="the marker behind earlier messages")
+        self.messages = [message for message in self.messages if message.message_id != "marker"]
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import asyncpg
+from aio_pika.abc import AbstractRobustConnection
 from aiohttp.test_utils import TestClient
 from callpipe_testing import wait_for
 from conftest import Collector, Workers
@@ -137,7 +138,12 @@ async def test_end_before_start_gives_the_same_row_as_start_before_end(
 
 
 async def test_the_same_webhook_three_times_is_one_row_and_one_event(
-    client: Client, settings: Settings, db: asyncpg.Pool, workers: Workers, subscribe: Any
+    client: Client,
+    settings: Settings,
+    db: asyncpg.Pool,
+    workers: Workers,
+    subscribe: Any,
+    amqp: AbstractRobustConnection,
 ) -> None:
     events: Collector = await subscribe(settings.topology.events_exchange, "call.#")
     workers.start_both(settings)
@@ -148,6 +154,7 @@ async def test_the_same_webhook_three_times_is_one_row_and_one_event(
     await wait_for(lambda: _at_least(events, 1), what="the event")
     # A graceful stop acks what is in flight: an empty queue after it means all 3 were consumed.
     await workers.stop_all()
+    await events.settle(amqp, settings.topology.events_exchange, "call.ended.answered")
     assert await _queues_empty(settings)
     stored = await db.fetchval(f'SELECT count(*) FROM "{settings.namespace}".call_events')
     assert stored == 1

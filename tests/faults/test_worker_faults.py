@@ -150,6 +150,7 @@ async def test_concurrent_duplicates_store_one_row_and_publish_one_event(
     assert await queue_depth(amqp, settings.topology.call_queue("end")) == 0
     assert await stored_calls(db, settings) == 1
     assert await published_events(db, settings) == 1
+    await events.settle(amqp, settings.topology.events_exchange, "call.ended.answered")
     assert [m.message_id for m in events.messages] == ["acme:same:end"]
 
 
