@@ -175,17 +175,24 @@ def through(url: str, proxy: TcpProxy, query: str = "") -> str:
     return parts._replace(netloc=netloc).geturl() + query
 
 
+@pytest.fixture
+def settings_through_db_proxy(
+    services: Services, namespace: str, proxies: dict[str, TcpProxy]
+) -> Settings:
+    """Settings whose database is reached through this test's own proxy."""
+    return make_settings(
+        services, namespace, database_url=through(services.database_url, proxies["db"])
+    )
+
+
 async def test_database_down_holds_the_message_and_stores_it_when_back(
-    services: Services,
-    namespace: str,
+    settings_through_db_proxy: Settings,
     amqp: AbstractRobustConnection,
     db: asyncpg.Pool,
     workers: Workers,
     proxies: dict[str, TcpProxy],
 ) -> None:
-    settings = make_settings(
-        services, namespace, database_url=through(services.database_url, proxies["db"])
-    )
+    settings = settings_through_db_proxy
     workers.start(settings, "end")
     await publish(amqp, settings.topology, [webhook("before")])
     await wait_for(lambda: stored_calls(db, settings), what="the first call")
@@ -279,16 +286,13 @@ async def _settled(db: asyncpg.Pool, settings: Settings) -> int | None:
 
 
 async def test_worker_killed_mid_stream_loses_nothing_after_restart(
-    services: Services,
-    namespace: str,
+    settings_through_db_proxy: Settings,
     amqp: AbstractRobustConnection,
     db: asyncpg.Pool,
     subscribe: Any,
     proxies: dict[str, TcpProxy],
 ) -> None:
-    settings = make_settings(
-        services, namespace, database_url=through(services.database_url, proxies["db"])
-    )
+    settings = settings_through_db_proxy
     events: Collector = await subscribe(settings.topology.events_exchange, "call.#")
     total = 400
     await publish(amqp, settings.topology, [webhook(f"k{n}") for n in range(total)])
@@ -315,15 +319,12 @@ async def test_worker_killed_mid_stream_loses_nothing_after_restart(
 
 
 async def test_sigterm_finishes_in_flight_and_exits_0(
-    services: Services,
-    namespace: str,
+    settings_through_db_proxy: Settings,
     amqp: AbstractRobustConnection,
     db: asyncpg.Pool,
     proxies: dict[str, TcpProxy],
 ) -> None:
-    settings = make_settings(
-        services, namespace, database_url=through(services.database_url, proxies["db"])
-    )
+    settings = settings_through_db_proxy
     total = 200
     await publish(amqp, settings.topology, [webhook(f"t{n}") for n in range(total)])
     process = await start_worker_process(settings, stderr=asyncio.subprocess.PIPE)
@@ -425,12 +426,10 @@ async def test_sigterm_while_the_broker_is_unreachable_still_stops_the_worker(
 
 
 async def test_stop_while_waiting_for_the_database_at_start_up_is_a_clean_stop(
-    services: Services, namespace: str, proxies: dict[str, TcpProxy]
+    settings_through_db_proxy: Settings, proxies: dict[str, TcpProxy]
 ) -> None:
     proxies["db"].freeze()  # connections open, then hang: the worst case for a stop
-    settings = make_settings(
-        services, namespace, database_url=through(services.database_url, proxies["db"])
-    )
+    settings = settings_through_db_proxy
     stop = asyncio.Event()
     worker = asyncio.create_task(run_worker(settings, "start", stop))
     await wait_for(lambda: _attempted(proxies["db"]), what="a first connection attempt")
