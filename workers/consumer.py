@@ -27,7 +27,7 @@ from workers.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
-CANCEL_TIMEOUT_S = 5.0
+CANCEL_TIMEOUT_S = 3.0
 
 
 class AmqpEventPublisher:

@@ -21,6 +21,10 @@ from workers.storage import PostgresCallStore, create_pool
 
 log = logging.getLogger(__name__)
 
+# After the drain (SHUTDOWN_TIMEOUT_S) each of the three closes gets this long at most, so a
+# stop stays within Docker's grace period even when the broker or database is gone.
+CLOSE_TIMEOUT_S = 2.0
+
 DATABASE_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -57,13 +61,13 @@ async def _start(
     await migrate_when_up(settings, stop)
     # Separate connections: a blocked publisher (broker alarm) must not freeze the acks.
     consume_conn = await connect(settings.amqp_url, name=f"callpipe-worker-{kind}", stop=stop)
-    resources.push_async_callback(_close_quietly, consume_conn.close, settings)
+    resources.push_async_callback(_close_quietly, consume_conn.close)
     publish_conn = await connect(
         settings.amqp_url, name=f"callpipe-worker-{kind}-publish", stop=stop
     )
-    resources.push_async_callback(_close_quietly, publish_conn.close, settings)
+    resources.push_async_callback(_close_quietly, publish_conn.close)
     pool = await create_pool(settings.database_url, settings.namespace, min(settings.prefetch, 10))
-    resources.push_async_callback(_close_quietly, pool.close, settings)
+    resources.push_async_callback(_close_quietly, pool.close)
 
     channel = await consume_conn.channel()
     await declare_topology(channel, topology)
@@ -82,9 +86,9 @@ async def _start(
     return CallConsumer(queue, kind, pipeline, events, RetryPolicy())
 
 
-async def _close_quietly(close: Callable[[], Awaitable[object]], settings: Settings) -> None:
+async def _close_quietly(close: Callable[[], Awaitable[object]]) -> None:
     """Closing what is already broken must neither fail nor hang the stop."""
     try:
-        await asyncio.wait_for(close(), timeout=settings.shutdown_timeout_s)
+        await asyncio.wait_for(close(), timeout=CLOSE_TIMEOUT_S)
     except Exception as exc:
         log.warning("%r while closing", exc)
