@@ -100,10 +100,14 @@ class TcpProxy:
         pending: asyncio.Queue[bytes] = asyncio.Queue()
 
         async def read() -> None:
-            while data := await reader.read(65536):
-                self._held.append(data)
-                await pending.put(data)
-            await pending.put(b"")
+            try:
+                while data := await reader.read(65536):
+                    self._held.append(data)
+                    await pending.put(data)
+            except OSError:
+                pass  # a killed peer resets the connection: pass that on as an end
+            finally:
+                await pending.put(b"")
 
         reading = asyncio.create_task(read())
         try:
