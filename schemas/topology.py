@@ -26,6 +26,8 @@ HEADER_ERROR = "x-callpipe-error"
 DELIVERY_LIMIT = 20
 
 _NAMESPACE = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+# A sink's or a subscription's name is the last part of its queue's name.
+_ENDPOINT_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
 class InvalidNamespaceError(ValueError):
@@ -40,6 +42,15 @@ def validate_namespace(namespace: str) -> str:
             "starting with a letter"
         )
     return namespace
+
+
+def validate_endpoint_name(name: str) -> str:
+    """Return a sink or subscription name if it can name a queue: `[a-z][a-z0-9_-]{0,31}`."""
+    if not _ENDPOINT_NAME.fullmatch(name):
+        raise ValueError(
+            f"name {name!r} must be 1-32 characters of a-z, 0-9, _ and -, starting with a letter"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,14 @@ class Topology:
 
     def call_queue(self, kind: Kind) -> str:
         return f"{self.namespace}.call-{kind}"
+
+    def sink_queue(self, name: str) -> str:
+        """The queue a configured sink consumes: `{ns}.sink.{name}`."""
+        return f"{self.namespace}.sink.{validate_endpoint_name(name)}"
+
+    def subscription_queue(self, name: str) -> str:
+        """A downstream system's own queue (`callpipe subscribe`): `{ns}.sub.{name}`."""
+        return f"{self.namespace}.sub.{validate_endpoint_name(name)}"
 
     @property
     def work_queues(self) -> dict[str, str]:
