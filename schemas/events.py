@@ -18,7 +18,11 @@ Outcome = Literal["answered", "missed", "failed", "blocked", "unknown"]
 
 
 class CallFields(BaseModel):
-    """The normalized fields of a `calls` row that one webhook knows (None: not known)."""
+    """The public columns of a `calls` row (None: not known).
+
+    Enrichment fills what one webhook knows; the event carries the merged row as it stands
+    after that webhook, so the storage-only fields below are set there.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -42,9 +46,15 @@ class CallFields(BaseModel):
     utm_campaign: str | None = None
     utm_term: str | None = None
     utm_content: str | None = None
+    roistat_param_1: str | None = None
+    roistat_param_2: str | None = None
+    roistat_param_3: str | None = None
+    roistat_param_4: str | None = None
+    roistat_param_5: str | None = None
     landing_page: str | None = None
     domain: str | None = None
     referrer: str | None = None
+    first_visit: str | None = None
     city: str | None = None
     country: str | None = None
     ip: str | None = None
@@ -53,9 +63,14 @@ class CallFields(BaseModel):
     custom_fields: list[Any] | dict[str, Any] | None = None
     caller_region: str | None = None
     caller_carrier: str | None = None
-    # Known once the call row exists: counted by storage, not by the webhook.
+    # Known once the call row exists: set by storage, not by the webhook.
     is_repeat_caller: bool | None = None
     previous_calls: int | None = None
+    # Webhooks of this call stored so far, this one included: 1 or 2. Of two events of one
+    # call, the one with the higher revision carries the newer row, whatever arrives first.
+    revision: int | None = None
+    start_received_at: datetime | None = None
+    end_received_at: datetime | None = None
 
 
 class CallEvent(BaseModel):

@@ -36,9 +36,15 @@ MERGED_COLUMNS: dict[str, str] = {
     "utm_campaign": "text",
     "utm_term": "text",
     "utm_content": "text",
+    "roistat_param_1": "text",
+    "roistat_param_2": "text",
+    "roistat_param_3": "text",
+    "roistat_param_4": "text",
+    "roistat_param_5": "text",
     "landing_page": "text",
     "domain": "text",
     "referrer": "text",
+    "first_visit": "text",
     "city": "text",
     "country": "text",
     "ip": "text",
@@ -48,6 +54,18 @@ MERGED_COLUMNS: dict[str, str] = {
     "caller_region": "text",
     "caller_carrier": "text",
 }
+
+# The merged row as the event carries it (`CallFields`): every public column but the
+# project (in the envelope) and `updated_at`.
+RETURNED_COLUMNS: tuple[str, ...] = (
+    "call_id",
+    *MERGED_COLUMNS,
+    "is_repeat_caller",
+    "previous_calls",
+    "revision",
+    "start_received_at",
+    "end_received_at",
+)
 
 REPEAT_WINDOW = "30 days"
 
@@ -83,8 +101,10 @@ ON CONFLICT (project, call_id) DO UPDATE SET
         THEN EXCLUDED.is_repeat_caller ELSE c.is_repeat_caller END,
     start_received_at = COALESCE(c.start_received_at, EXCLUDED.start_received_at),
     end_received_at = COALESCE(c.end_received_at, EXCLUDED.end_received_at),
+    -- Each webhook's event id is claimed once, so a call is updated at most once: revision 2.
+    revision = c.revision + 1,
     updated_at = now()
-RETURNING previous_calls, is_repeat_caller
+RETURNING {", ".join(RETURNED_COLUMNS)}
 """
 
 
@@ -222,13 +242,9 @@ class PostgresCallStore:
                     *(getattr(call, name) for name in MERGED_COLUMNS),
                 )
                 assert row is not None
-                known = call.model_copy(
-                    update={
-                        "previous_calls": row["previous_calls"],
-                        "is_repeat_caller": row["is_repeat_caller"],
-                    }
-                )
-                event = render(known).to_json_dict()
+                # The event is the whole truth: the merged row, not only this webhook's part.
+                merged = CallFields.model_validate(dict(row))
+                event = render(merged).to_json_dict()
                 # The claimed row is this transaction's until commit: nobody else publishes it.
                 await send(event)
                 await conn.execute(SET_EVENT_PUBLISHED, webhook.event_id, event)
