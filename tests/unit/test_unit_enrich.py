@@ -138,11 +138,14 @@ def test_enrich_call_start() -> None:
     assert call.utm_content is None
     assert call.source_level_1 == "Яндекс.Директ"
     assert call.caller_region == "Россия"
+    assert call.first_visit == "2024-03-01 10:00:00"
+    assert call.roistat_param_1 == "p1"
+    assert call.roistat_param_2 is None
     # A call start knows nothing of the result, nor (yet) of the caller's history.
     for unknown in ("status", "outcome", "duration_s", "is_missed", "recording_url", "file_id"):
         assert getattr(call, unknown) is None, unknown
-    assert call.is_repeat_caller is None
-    assert call.previous_calls is None
+    for stored in ("is_repeat_caller", "previous_calls", "revision", "start_received_at"):
+        assert getattr(call, stored) is None, stored
 
 
 def test_enrich_call_end() -> None:
@@ -181,6 +184,22 @@ def test_enrich_keeps_status_verbatim_and_maps_outcome(
     assert call.status == status
     assert call.outcome == outcome
     assert call.is_missed is missed
+
+
+def test_enrich_reads_roistat_params_leniently() -> None:
+    call = _enrich(
+        _roistat_document(
+            roistat_param_1=" с пробелами ",
+            roistat_param_2=17,
+            roistat_param_3="",
+            roistat_param_4=None,
+            roistat_param_5=2.5,
+            first_visit=1709276400,
+        )
+    )
+    params = [getattr(call, f"roistat_param_{n}") for n in range(1, 6)]
+    assert params == ["с пробелами", "17", None, None, "2.5"]
+    assert call.first_visit == "1709276400"
 
 
 def test_enrich_uses_the_project_time_zone() -> None:

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from schemas import codec
-from schemas.events import CallEvent
+from schemas.events import CallEvent, CallFields
 from schemas.topology import HEADER_KIND, HEADER_PROJECT, HEADER_RECEIVED_AT, Kind
 from workers.delivery import ReceivedWebhook, decode_delivery
 from workers.enrich import enrich
@@ -81,6 +81,36 @@ def test_envelope_on_the_wire() -> None:
     assert wire["raw"] == DOCUMENT
     # A subscriber can read the envelope back into the model.
     assert CallEvent.model_validate(wire) == _event("end")
+
+
+def test_the_event_carries_the_call_it_is_given_whole() -> None:
+    """Storage hands over the merged row: an older start sent second shows the end's result."""
+    webhook = _received("start", {"id": "2891473", "caller": "89990009911"})
+    merged = CallFields(
+        call_id="2891473",
+        caller="+79990009911",
+        called_at=datetime(2024, 3, 10, 11, 30, tzinfo=UTC),
+        status="BUSY",
+        outcome="missed",
+        roistat_param_1="p1",
+        first_visit="2024-03-01 10:00:00",
+        revision=2,
+        start_received_at=datetime(2024, 3, 10, 11, 31, tzinfo=UTC),
+        end_received_at=datetime(2024, 3, 10, 11, 30, 5, tzinfo=UTC),
+    )
+    wire = codec.loads(codec.dumps(build_event(webhook, merged).to_json_dict()))
+    assert wire["type"] == "call.started"
+    assert wire["occurred_at"] == "2024-03-10T11:30:00Z"
+    assert wire["call"]["revision"] == 2
+    assert (wire["call"]["status"], wire["call"]["outcome"]) == ("BUSY", "missed")
+    assert (wire["call"]["roistat_param_1"], wire["call"]["first_visit"]) == (
+        "p1",
+        "2024-03-01 10:00:00",
+    )
+    assert wire["call"]["start_received_at"] == "2024-03-10T11:31:00Z"
+    assert wire["call"]["end_received_at"] == "2024-03-10T11:30:05Z"
+    assert routing_key_of(wire) == "call.started"
+    assert CallFields.model_validate(wire["call"]) == merged
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,163 @@
+"""Migrations on a database that already holds calls: 0002 keeps them and fills `revision`."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+import orjson
+import pytest
+from conftest import Services
+
+from schemas.topology import HEADER_KIND, HEADER_PROJECT, HEADER_RECEIVED_AT
+from workers.delivery import decode_delivery
+from workers.enrich import enrich
+from workers.events import build_event
+from workers.migrate import MIGRATIONS_DIR, Connection, drop_schema, migrate
+from workers.storage import PostgresCallStore, create_pool
+
+REVISION_MIGRATION = "0002_call_revision_and_roistat_params"
+AT = datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
+
+INSERT_CALL = """
+INSERT INTO calls (project, call_id, caller, status, start_received_at, end_received_at)
+VALUES ('acme', $1, '+79990009911', $2, $3, $4)
+"""
+INSERT_EVENT = """
+INSERT INTO call_events (event_id, project, call_id, kind, received_at, payload, published_at)
+VALUES ('acme:' || $1 || ':' || $2, 'acme', $1, $2, $3, $4, $3)
+"""
+
+
+@pytest.fixture
+async def schema_at_0001(db: asyncpg.Pool) -> AsyncIterator[str]:
+    """A namespace migrated by hand to 0001 only, as an installation of the first version."""
+    name = f"cpt_{uuid.uuid4().hex[:12]}"
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(f'CREATE SCHEMA "{name}"')
+        await conn.execute(f'SET LOCAL search_path TO "{name}"')
+        await conn.execute(
+            "CREATE TABLE schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await conn.execute((MIGRATIONS_DIR / "0001_initial.sql").read_text(encoding="utf-8"))
+        await conn.execute("INSERT INTO schema_migrations (version) VALUES ('0001_initial')")
+    try:
+        yield name
+    finally:
+        async with db.acquire() as conn:
+            await drop_schema(conn, name)
+
+
+async def _insert_call(conn: Connection, call_id: str, halves: dict[str, dict[str, Any]]) -> None:
+    """A call as version 1 stored it: the row, and each half's payload as received."""
+    status = halves.get("end", {}).get("status")
+    start_at = AT if "start" in halves else None
+    end_at = AT if "end" in halves else None
+    await conn.execute(INSERT_CALL, call_id, status, start_at, end_at)
+    for kind, payload in halves.items():
+        await conn.execute(INSERT_EVENT, call_id, kind, AT, orjson.dumps(payload).decode())
+
+
+async def test_0002_keeps_existing_calls_and_sets_revision_and_new_columns(
+    db: asyncpg.Pool, schema_at_0001: str
+) -> None:
+    async with db.acquire() as conn:
+        await conn.execute(f'SET search_path TO "{schema_at_0001}"')
+        await _insert_call(
+            conn,
+            "both",
+            {
+                "start": {
+                    "id": "both",
+                    "first_visit": "2026-11-20 09:15:00",
+                    "roistat_param_1": "s1",
+                    "roistat_param_2": "s2",
+                    "roistat_param_3": 42,
+                },
+                "end": {
+                    "id": "both",
+                    "status": "ANSWER",
+                    "roistat_param_1": " ",
+                    "roistat_param_2": "e2",
+                    "roistat_param_5": "e5",
+                },
+            },
+        )
+        await _insert_call(conn, "start-only", {"start": {"id": "start-only"}})
+        await _insert_call(conn, "end-only", {"end": {"id": "end-only", "roistat_param_4": "e4"}})
+        await conn.execute("RESET search_path")
+        before = await conn.fetch(
+            f'SELECT call_id, caller, status, updated_at FROM "{schema_at_0001}".calls'
+            " ORDER BY call_id"
+        )
+
+        applied = await migrate(conn, schema_at_0001)
+        assert applied[0] == REVISION_MIGRATION
+        rows = await conn.fetch(f'SELECT * FROM "{schema_at_0001}".calls ORDER BY call_id')
+
+    assert [(r["call_id"], r["caller"], r["status"], r["updated_at"]) for r in rows] == [
+        tuple(r) for r in before
+    ]
+    by_id = {r["call_id"]: r for r in rows}
+    assert {call_id: r["revision"] for call_id, r in by_id.items()} == {
+        "both": 2,
+        "end-only": 1,
+        "start-only": 1,
+    }
+    new_columns = ["first_visit", *(f"roistat_param_{n}" for n in range(1, 6))]
+    # Merged as the workers merge: the end's non-empty value wins; an empty one erases nothing.
+    assert [by_id["both"][c] for c in new_columns] == [
+        "2026-11-20 09:15:00",
+        "s1",
+        "e2",
+        "42",
+        None,
+        "e5",
+    ]
+    assert [by_id["end-only"][c] for c in new_columns] == [None, None, None, None, "e4", None]
+    assert [by_id["start-only"][c] for c in new_columns] == [None] * 6
+
+
+async def test_a_call_started_before_0002_ends_after_it_with_revision_2(
+    services: Services, db: asyncpg.Pool, schema_at_0001: str
+) -> None:
+    async with db.acquire() as conn:
+        await conn.execute(f'SET search_path TO "{schema_at_0001}"')
+        await _insert_call(conn, "old", {"start": {"id": "old", "roistat_param_1": "s1"}})
+        await conn.execute("RESET search_path")
+        await migrate(conn, schema_at_0001)
+
+    headers = {
+        HEADER_PROJECT: "acme",
+        HEADER_KIND: "end",
+        HEADER_RECEIVED_AT: "2026-11-25T07:05:00+00:00",
+    }
+    body = orjson.dumps({"id": "old", "status": "ANSWER", "duration": 12})
+    received = decode_delivery(body, headers, "end")
+    call = enrich(received.payload, region="RU", tz=ZoneInfo("Europe/Moscow"))
+    sent: list[dict[str, Any]] = []
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event)
+
+    pool = await create_pool(services.database_url, schema_at_0001, 2)
+    try:
+        recorded = await PostgresCallStore(pool).record(
+            received, call, partial(build_event, received), send
+        )
+    finally:
+        await pool.close()
+
+    assert recorded.stored
+    [event] = sent
+    assert event["call"]["revision"] == 2
+    assert (event["call"]["caller"], event["call"]["status"]) == ("+79990009911", "ANSWER")
+    assert event["call"]["roistat_param_1"] == "s1"
+    assert event["call"]["start_received_at"] == "2026-11-25T07:00:00Z"
+    assert event["call"]["end_received_at"] == "2026-11-25T07:05:00Z"
