@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, field_validator
@@ -33,6 +34,7 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(default=5.0, gt=0)
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
     log_level: str = "INFO"
+    sinks_file: Path | None = None  # TOML; no file: no sinks
 
     @field_validator("log_level")
     @classmethod

@@ -61,13 +61,13 @@ async def _start(
     await migrate_when_up(settings, stop)
     # Separate connections: a blocked publisher (broker alarm) must not freeze the acks.
     consume_conn = await connect(settings.amqp_url, name=f"callpipe-worker-{kind}", stop=stop)
-    resources.push_async_callback(_close_quietly, consume_conn.close)
+    resources.push_async_callback(close_quietly, consume_conn.close)
     publish_conn = await connect(
         settings.amqp_url, name=f"callpipe-worker-{kind}-publish", stop=stop
     )
-    resources.push_async_callback(_close_quietly, publish_conn.close)
+    resources.push_async_callback(close_quietly, publish_conn.close)
     pool = await create_pool(settings.database_url, settings.namespace, min(settings.prefetch, 10))
-    resources.push_async_callback(_close_quietly, pool.close)
+    resources.push_async_callback(close_quietly, pool.close)
 
     channel = await consume_conn.channel()
     await declare_topology(channel, topology)
@@ -86,7 +86,7 @@ async def _start(
     return CallConsumer(queue, kind, pipeline, events, RetryPolicy())
 
 
-async def _close_quietly(close: Callable[[], Awaitable[object]]) -> None:
+async def close_quietly(close: Callable[[], Awaitable[object]]) -> None:
     """Closing what is already broken must neither fail nor hang the stop."""
     try:
         await asyncio.wait_for(close(), timeout=CLOSE_TIMEOUT_S)

@@ -1,0 +1,125 @@
+"""PostgreSQL adapter for Telegram alerts: claim one alert per call, find alerts to follow up."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+
+# One statement: a new call is claimed; a call whose earlier attempt surely failed is claimed
+# again; anything else (sending, sent, unknown) is left as it is.
+CLAIM = """
+INSERT INTO telegram_alerts AS a (sink, project, call_id, caller, called_at, state, claimed_at)
+VALUES ($1, $2, $3, $4, $5, 'sending', clock_timestamp())
+ON CONFLICT (sink, project, call_id) DO UPDATE SET state = 'sending', claimed_at = clock_timestamp()
+    WHERE a.state = 'failed'
+RETURNING state
+"""
+
+# A claim older than the lease belongs to a sink that stopped mid-send: whether Telegram got
+# the message is unknowable, so it is never sent again.
+EXPIRE_CLAIM = """
+UPDATE telegram_alerts SET state = 'unknown'
+WHERE sink = $1 AND project = $2 AND call_id = $3
+  AND state = 'sending' AND claimed_at < clock_timestamp() - $4::interval
+RETURNING state
+"""
+
+STATE = "SELECT state FROM telegram_alerts WHERE sink = $1 AND project = $2 AND call_id = $3"
+
+SET_STATE = """
+UPDATE telegram_alerts SET state = $4
+WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'sending'
+"""
+
+MARK_SENT = """
+UPDATE telegram_alerts
+SET state = 'sent', chat_id = $4, message_id = $5, alert_text = $6, sent_at = clock_timestamp()
+WHERE sink = $1 AND project = $2 AND call_id = $3
+"""
+
+# Alerts of the same caller in the window before the answered call, not yet followed up by
+# another call: claimed for this one. A redelivery of the same answered call finds them again.
+CLAIM_FOLLOW_UPS = """
+UPDATE telegram_alerts SET followed_up_by = $4, followed_up_at = clock_timestamp()
+WHERE sink = $1 AND project = $2 AND caller = $3 AND state = 'sent'
+  AND called_at < $5 AND called_at >= $5 - $6::interval
+  AND (followed_up_by IS NULL OR followed_up_by = $4)
+RETURNING call_id, chat_id, message_id, alert_text
+"""
+
+
+class Claim(enum.Enum):
+    CLAIMED = "claimed"  # this delivery sends the alert
+    SETTLED = "settled"  # sent already, or abandoned as unknown: nothing to send
+    BUSY = "busy"  # another delivery is sending it right now
+    CUT_OFF = "cut-off"  # an attempt stopped mid-send: it may or may not have arrived
+
+
+@dataclass(frozen=True)
+class AlertKey:
+    sink: str
+    project: str
+    call_id: str
+
+
+@dataclass(frozen=True)
+class OpenAlert:
+    call_id: str
+    chat_id: str
+    message_id: int
+    text: str
+
+
+class AlertStore:
+    def __init__(self, pool: asyncpg.Pool, lease: timedelta) -> None:
+        self._pool = pool
+        self._lease = lease
+
+    async def claim(self, key: AlertKey, caller: str | None, called_at: datetime | None) -> Claim:
+        async with self._pool.acquire() as conn:
+            args = (key.sink, key.project, key.call_id)
+            if await conn.fetchval(CLAIM, *args, caller, called_at) is not None:
+                return Claim.CLAIMED
+            if await conn.fetchval(EXPIRE_CLAIM, *args, self._lease) is not None:
+                return Claim.CUT_OFF
+            state = await conn.fetchval(STATE, *args)
+        return Claim.BUSY if state == "sending" else Claim.SETTLED
+
+    async def mark_sent(self, key: AlertKey, chat_id: str, message_id: int, text: str) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                MARK_SENT, key.sink, key.project, key.call_id, chat_id, message_id, text
+            )
+
+    async def release(self, key: AlertKey) -> None:
+        """Telegram surely did not get it: a later delivery may claim it again."""
+        await self._set_state(key, "failed")
+
+    async def abandon(self, key: AlertKey) -> None:
+        """Telegram may have got it: never send it again."""
+        await self._set_state(key, "unknown")
+
+    async def _set_state(self, key: AlertKey, state: str) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(SET_STATE, key.sink, key.project, key.call_id, state)
+
+    async def claim_follow_ups(
+        self,
+        sink: str,
+        project: str,
+        caller: str,
+        answered_call_id: str,
+        answered_at: datetime,
+        window: timedelta,
+    ) -> list[OpenAlert]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                CLAIM_FOLLOW_UPS, sink, project, caller, answered_call_id, answered_at, window
+            )
+        return [
+            OpenAlert(row["call_id"], row["chat_id"], row["message_id"], row["alert_text"])
+            for row in rows
+        ]

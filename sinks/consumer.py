@@ -1,0 +1,176 @@
+"""Consume one sink's queue: deliver, then ack, delay or dead-letter, decided in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+
+from callpipe.broker import ConfirmedPublisher, PublishFailedError, plain_headers
+from schemas import codec
+from schemas.topology import HEADER_ERROR, Topology
+from sinks.config import SinkConfig
+from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater, Sink
+from sinks.retry import Ack, DeadLetter, Delay, SinkAction, next_action
+from sinks.topology import delay_queue
+
+log = logging.getLogger(__name__)
+
+HEADER_ATTEMPT = "x-callpipe-attempt"
+HEADER_ROUTING_KEY = "x-callpipe-routing-key"  # kept when a delay or a replay re-routes it
+HEADER_SINK = "x-callpipe-sink"
+CANCEL_TIMEOUT_S = 3.0
+MAX_PAUSE_S = 60.0  # the longest a destination's "slow down" holds the whole sink
+SETTLE_RETRY_S = 1.0
+
+
+def decode_event(message: AbstractIncomingMessage) -> Event | GiveUp:
+    """The event in a sink's delivery, or why it cannot be one."""
+    headers = plain_headers(message.headers)
+    try:
+        envelope = codec.loads(message.body)
+    except ValueError:
+        return GiveUp("not JSON: not an event")
+    if not isinstance(envelope, dict) or not envelope.get("event_id"):
+        return GiveUp("not an event envelope (no event_id)")
+    routing_key = headers.get(HEADER_ROUTING_KEY) or message.routing_key or ""
+    return Event(message.body, envelope, routing_key)
+
+
+def attempt_of(message: AbstractIncomingMessage) -> int:
+    try:
+        return max(int(plain_headers(message.headers).get(HEADER_ATTEMPT, "1")), 1)
+    except ValueError:
+        return 1
+
+
+class SinkConsumer:
+    def __init__(
+        self,
+        config: SinkConfig,
+        sink: Sink,
+        queue: AbstractQueue,
+        publisher: ConfirmedPublisher,
+        topology: Topology,
+    ) -> None:
+        self._config = config
+        self._sink = sink
+        self._queue = queue
+        self._publisher = publisher
+        self._topology = topology
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._resume_at = 0.0
+
+    async def run(self, stop: asyncio.Event, shutdown_timeout_s: float) -> None:
+        """Consume until `stop`, then let in-flight deliveries finish."""
+        tag = await self._queue.consume(self._on_message)
+        log.info("sink %s consuming %s", self._config.name, self._queue.name)
+        await stop.wait()
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                await self._queue.cancel(tag)
+        except Exception as exc:  # the broker is gone: unacked deliveries return anyway
+            log.warning("sink %s could not cancel its consumer: %r", self._config.name, exc)
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=shutdown_timeout_s)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            await self._handle(message)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        attempt = attempt_of(message)
+        event = decode_event(message)
+        result = event if isinstance(event, GiveUp) else await self._deliver(event)
+        action = next_action(result, attempt, self._config.schedule)
+        while True:
+            try:
+                await self._settle(message, action)
+                return
+            except PublishFailedError as exc:
+                # The delivery stays ours until it is settled; the broker keeps it meanwhile.
+                log.warning(
+                    "sink %s cannot settle %s yet: %s", self._config.name, message.message_id, exc
+                )
+                await asyncio.sleep(SETTLE_RETRY_S)
+
+    async def _deliver(self, event: Event) -> DeliveryResult:
+        if not self._config.wants(event.project):
+            return Done()
+        await self._paused()
+        try:
+            result = await self._sink.deliver(event)
+        except Exception as exc:
+            log.exception("sink %s failed on %s", self._config.name, event.event_id)
+            return RetryLater(f"unexpected {type(exc).__name__}")
+        if isinstance(result, RetryLater) and result.after_s:
+            # The destination asked everyone to slow down, not just this event.
+            self._resume_at = max(
+                self._resume_at, time.monotonic() + min(result.after_s, MAX_PAUSE_S)
+            )
+        return result
+
+    async def _paused(self) -> None:
+        wait = self._resume_at - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    async def _settle(self, message: AbstractIncomingMessage, action: SinkAction) -> None:
+        if isinstance(action, Delay):
+            await self._publisher.publish(
+                "",
+                delay_queue(self._topology, self._config.name, action.delay_s),
+                message.body,
+                message_id=message.message_id or "",
+                headers=self._headers(message, {HEADER_ATTEMPT: action.attempt}),
+            )
+            log.warning(
+                "sink %s: %s failed (attempt %d: %s), retrying in %gs",
+                self._config.name,
+                message.message_id,
+                action.attempt - 1,
+                action.reason,
+                action.delay_s,
+            )
+        elif isinstance(action, DeadLetter):
+            await self._publisher.publish(
+                self._topology.dead_exchange,
+                self._routing_key(message),
+                message.body,
+                message_id=message.message_id or "",
+                headers=self._headers(
+                    message, {HEADER_ERROR: action.reason[:1000], HEADER_SINK: self._config.name}
+                ),
+            )
+            log.error(
+                "sink %s: %s dead-lettered: %s",
+                self._config.name,
+                message.message_id,
+                action.reason,
+            )
+        else:
+            assert isinstance(action, Ack)
+        with contextlib.suppress(Exception):  # a stale tag after a reconnect: redelivered
+            await message.ack()
+
+    def _routing_key(self, message: AbstractIncomingMessage) -> str:
+        return plain_headers(message.headers).get(HEADER_ROUTING_KEY) or message.routing_key or ""
+
+    def _headers(
+        self, message: AbstractIncomingMessage, extra: dict[str, object]
+    ) -> dict[str, object]:
+        """Our own headers only: the broker's x-death history would grow with every retry."""
+        kept = {
+            key: value
+            for key, value in plain_headers(message.headers).items()
+            if key.startswith("x-callpipe-")
+        }
+        return {**kept, HEADER_ROUTING_KEY: self._routing_key(message), **extra}

@@ -1,0 +1,223 @@
+"""Missed-call alerts to a Telegram chat: one message per missed call, edited on callback."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import asyncpg
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
+
+from schemas import codec
+from sinks.alerts import AlertKey, AlertStore, Claim
+from sinks.config import SinkConfig
+from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater
+from sinks.telegram_text import followed_up_text, missed_call_text
+from workers.phones import mask_phone
+
+log = logging.getLogger(__name__)
+
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class TelegramSinkConfig(SinkConfig):
+    """`[[telegram]]`: alerts on missed calls to `chat_id`, followed up when a callback ends."""
+
+    bot_token: SecretStr
+    chat_id: str
+    api_base: AnyHttpUrl = AnyHttpUrl("https://api.telegram.org")
+    callback_window_min: int = Field(default=120, ge=0, le=7 * 24 * 60)
+    max_in_flight: int = Field(default=1, ge=1, le=256)  # a chat takes about one message a second
+
+    @field_validator("chat_id", mode="before")
+    @classmethod
+    def _chat_id(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value
+
+    @property
+    def binding_keys(self) -> tuple[str, ...]:
+        return ("call.ended.missed", "call.ended.answered")
+
+    @property
+    def lease(self) -> timedelta:
+        """How long a send may take before a claim counts as cut off mid-send."""
+        return timedelta(seconds=2 * self.timeout_s + 30)
+
+
+@dataclass(frozen=True)
+class ApiAnswer:
+    """How one Bot API call ended, from the point of view of "did the chat get it"."""
+
+    ok: bool
+    sent: bool | None  # False: surely not delivered; None: cannot tell (timeout mid-request)
+    result: Any = None
+    error: str = ""
+    retry_after_s: float | None = None
+
+    @property
+    def may_retry(self) -> bool:
+        return self.retry_after_s is not None or self.error.startswith(("HTTP 5", "network"))
+
+
+def read_answer(status: int, body: bytes) -> ApiAnswer:
+    """Classify a Bot API response. Pure."""
+    try:
+        document = codec.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        # Not the Bot API speaking (a proxy, a gateway): a 2xx is a puzzle, anything else failed.
+        sent = None if 200 <= status < 300 else False
+        return ApiAnswer(False, sent, error=f"HTTP {status} without a Bot API answer")
+    if document.get("ok") is True:
+        return ApiAnswer(True, True, result=document.get("result"))
+    description = str(document.get("description", ""))[:200]
+    parameters = document.get("parameters")
+    retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+    if status == 429 or isinstance(retry_after, int | float):
+        return ApiAnswer(
+            False,
+            False,
+            error=f"HTTP {status}: {description}",
+            retry_after_s=float(retry_after or 1),
+        )
+    return ApiAnswer(False, False, error=f"HTTP {status}: {description}")
+
+
+class BotApi:
+    """The two Bot API methods an alert needs. The token stays out of every message."""
+
+    def __init__(self, config: TelegramSinkConfig, session: aiohttp.ClientSession) -> None:
+        base = str(config.api_base).rstrip("/")
+        self._base = f"{base}/bot{config.bot_token.get_secret_value()}"
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+
+    async def call(self, method: str, payload: dict[str, Any]) -> ApiAnswer:
+        try:
+            async with self._session.post(
+                f"{self._base}/{method}",
+                data=codec.dumps(payload),
+                headers={"content-type": "application/json"},
+                timeout=self._timeout,
+            ) as response:
+                return read_answer(response.status, await response.read())
+        except aiohttp.ClientConnectorError as exc:
+            # Never connected: the request did not leave this machine.
+            return ApiAnswer(False, False, error=f"network: cannot connect ({exc.os_error})")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return ApiAnswer(False, None, error=f"no complete answer: {type(exc).__name__}")
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class TelegramSink:
+    def __init__(
+        self, config: TelegramSinkConfig, api: BotApi, store: AlertStore, tz: ZoneInfo
+    ) -> None:
+        self._config = config
+        self._api = api
+        self._store = store
+        self._tz = tz
+        self._window = timedelta(minutes=config.callback_window_min)
+
+    async def deliver(self, event: Event) -> DeliveryResult:
+        call = event.call
+        if event.envelope.get("type") != "call.ended":
+            return Done()
+        try:
+            if call.get("outcome") == "missed":
+                return await self._alert(event.project, call)
+            if call.get("outcome") == "answered":
+                return await self._follow_up(event.project, call)
+        except DATABASE_ERRORS as exc:
+            return RetryLater(f"database: {type(exc).__name__}")
+        return Done()
+
+    async def _alert(self, project: str, call: dict[str, Any]) -> DeliveryResult:
+        key = AlertKey(self._config.name, project, str(call.get("call_id")))
+        claim = await self._store.claim(key, call.get("caller"), _time(call.get("called_at")))
+        if claim is Claim.SETTLED:
+            return Done()
+        if claim is Claim.BUSY:
+            return RetryLater("another delivery of this alert is in progress")
+        if claim is Claim.CUT_OFF:
+            return GiveUp("an earlier attempt stopped mid-send: the alert may not have arrived")
+        text = missed_call_text(project, call, self._tz)
+        answer = await self._api.call(
+            "sendMessage",
+            {"chat_id": self._config.chat_id, "text": text, "disable_web_page_preview": True},
+        )
+        if answer.ok:
+            message_id = int(answer.result["message_id"])
+            await self._store.mark_sent(key, self._config.chat_id, message_id, text)
+            log.info(
+                "telegram %s: alert for missed call %s from %s",
+                self._config.name,
+                key.call_id,
+                mask_phone(call.get("caller")),
+            )
+            return Done()
+        if answer.sent is None:
+            await self._store.abandon(key)
+            return GiveUp(f"{answer.error}: the alert may have arrived, so it is not sent again")
+        await self._store.release(key)
+        if answer.may_retry:
+            return RetryLater(answer.error, answer.retry_after_s)
+        return GiveUp(answer.error)
+
+    async def _follow_up(self, project: str, call: dict[str, Any]) -> DeliveryResult:
+        caller, answered_at = call.get("caller"), _time(call.get("called_at"))
+        if not caller or answered_at is None:
+            return Done()
+        alerts = await self._store.claim_follow_ups(
+            self._config.name,
+            project,
+            caller,
+            str(call.get("call_id")),
+            answered_at,
+            self._window,
+        )
+        refused: list[str] = []
+        for alert in alerts:
+            answer = await self._api.call(
+                "editMessageText",
+                {
+                    "chat_id": alert.chat_id,
+                    "message_id": alert.message_id,
+                    "text": followed_up_text(alert.text, call, self._tz),
+                    "disable_web_page_preview": True,
+                },
+            )
+            if answer.ok or "message is not modified" in answer.error:
+                continue  # an edit is idempotent: a redelivery may do it again
+            if answer.may_retry or answer.sent is None:
+                return RetryLater(answer.error, answer.retry_after_s)
+            refused.append(f"call {alert.call_id}: {answer.error}")
+        if refused:
+            return GiveUp("follow-up refused: " + "; ".join(refused))
+        if alerts:
+            log.info(
+                "telegram %s: %d alert(s) for %s followed up",
+                self._config.name,
+                len(alerts),
+                mask_phone(caller),
+            )
+        return Done()
+
+    async def close(self) -> None:
+        await self._api.close()
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None

@@ -1,0 +1,250 @@
+"""The webhook sink against a local receiver that verifies Standard Webhooks signatures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
+from callpipe_testing import wait_for
+from sink_testing import FakeServer, RunningSinks, envelope, new_secret, publish_events
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from callpipe.broker import plain_headers
+from callpipe.settings import Settings
+from schemas import codec
+from sinks.topology import delay_queue
+from sinks.webhook import WebhookSinkConfig
+
+
+class Receiver:
+    """Verifies every request; answers by a script per event id, 200 once the script is done."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self.verifier = Webhook(secret)
+        self.script: dict[str, list[str]] = {}
+        self.default = "200"
+        self.delivered: Counter[str] = Counter()  # event ids answered 2xx
+        self.attempts: Counter[str] = Counter()
+        self.forged = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        try:
+            document = self.verifier.verify(body, dict(request.headers))
+        except WebhookVerificationError:
+            self.forged += 1
+            return web.Response(status=401)
+        event_id = document["event_id"]
+        assert request.headers["webhook-id"] == event_id
+        self.attempts[event_id] += 1
+        steps = self.script.get(event_id, [])
+        step = steps.pop(0) if steps else self.default
+        if step == "hang":
+            await asyncio.sleep(3)
+            step = "200"
+        if step == "200":
+            self.delivered[event_id] += 1
+        return web.Response(status=int(step))
+
+
+@pytest.fixture
+async def sinks(amqp: AbstractRobustConnection) -> AsyncIterator[RunningSinks]:
+    running = RunningSinks(amqp)
+    try:
+        yield running
+    finally:
+        await running.remove()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, FakeServer, str]]:
+    secret = new_secret()
+    fake = Receiver(secret)
+    server = FakeServer(fake.handle)
+    url = await server.start()
+    try:
+        yield fake, server, url
+    finally:
+        await server.stop()
+
+
+def webhook_config(url: str, secret: str, **overrides: Any) -> WebhookSinkConfig:
+    values: dict[str, Any] = {
+        "name": "crm",
+        "url": f"{url}/hooks",
+        "secret": secret,
+        "retry_delays_s": [0.2, 0.4],
+        "max_attempts": 10,
+        "timeout_s": 0.5,
+    }
+    return WebhookSinkConfig.model_validate({**values, **overrides})
+
+
+async def queue_depth(amqp: AbstractRobustConnection, name: str) -> int:
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(name, passive=True)
+        return queue.declaration_result.message_count or 0
+
+
+async def test_every_event_arrives_signed_through_503s_and_a_timeout(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    fake, server, url = receiver
+    events = [envelope(f"c{i}", outcome="answered" if i % 2 else "missed") for i in range(30)]
+    for i, event in enumerate(events):
+        if i % 5 == 0:
+            fake.script[event["event_id"]] = ["503", "503", "503"]
+    fake.script[events[7]["event_id"]] = ["hang"]
+    fake.script[events[9]["event_id"]] = ["429", "500", "408"]
+    config = webhook_config(url, fake.secret)
+    await sinks.start(settings, [config])
+    await publish_events(amqp, settings, events)
+
+    wanted = {event["event_id"] for event in events}
+
+    async def all_delivered() -> bool:
+        return set(fake.delivered) >= wanted
+
+    await wait_for(all_delivered, seconds=30, what="every event delivered")
+    assert fake.forged == 0
+    assert set(fake.delivered) == wanted
+    assert fake.attempts[events[0]["event_id"]] == 4  # three 503s, then 200
+    assert fake.attempts[events[9]["event_id"]] == 4
+    # The one that hung past the timeout was sent again: at least once, deduped by webhook-id.
+    assert fake.delivered[events[7]["event_id"]] >= 1
+    bodies = {codec.loads(body)["event_id"]: body for _, body, _ in server.requests}
+    assert codec.loads(bodies[events[3]["event_id"]]) == events[3]  # the envelope as published
+
+
+async def test_events_waiting_in_backoff_survive_a_sink_restart(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    fake, _, url = receiver
+    fake.default = "503"  # the destination is down
+    config = webhook_config(url, fake.secret, retry_delays_s=[2.0])
+    events = [envelope(f"r{i}") for i in range(10)]
+    await sinks.start(settings, [config])
+    await publish_events(amqp, settings, events)
+    wanted = {event["event_id"] for event in events}
+
+    async def all_tried_once() -> bool:
+        return set(fake.attempts) == wanted
+
+    await wait_for(all_tried_once, what="a first attempt of every event")
+    await sinks.stop()  # mid-backoff: the events wait in the delay queue, not in this process
+    waiting = await queue_depth(amqp, delay_queue(settings.topology, "crm", 2.0))
+    assert waiting + await queue_depth(amqp, settings.topology.sink_queue("crm")) == len(events)
+    fake.default = "200"  # the destination is back
+    await sinks.start(settings, [config])
+
+    async def all_delivered() -> bool:
+        return set(fake.delivered) == wanted
+
+    await wait_for(all_delivered, seconds=20, what="every event delivered after the restart")
+    assert sum(fake.delivered.values()) == len(events)
+
+
+async def dead_letters(amqp: AbstractRobustConnection, settings: Settings) -> list[Any]:
+    found = []
+    async with amqp.channel() as channel:
+        queue = await channel.get_queue(settings.topology.dead_queue)
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            found.append(message)
+    return found
+
+
+async def test_a_refusing_destination_dead_letters_each_event_once(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    fake, _, url = receiver
+    fake.default = "410"
+    config = webhook_config(url, fake.secret)
+    events = [envelope(f"g{i}") for i in range(3)]
+    await sinks.start(settings, [config])
+    await publish_events(amqp, settings, events)
+    seen: list[Any] = []
+
+    async def all_dead() -> bool:
+        seen.extend(await dead_letters(amqp, settings))
+        return len(seen) >= len(events)
+
+    await wait_for(all_dead, what="three dead letters")
+    await sinks.stop()
+    assert sorted(message.message_id for message in seen) == sorted(e["event_id"] for e in events)
+    for message in seen:
+        headers = plain_headers(message.headers)
+        assert "HTTP 410" in headers["x-callpipe-error"]
+        assert headers["x-callpipe-sink"] == "crm"
+        assert message.routing_key == "call.ended.missed"
+        assert codec.loads(message.body)["event_id"] == message.message_id
+    # Nothing is waiting for another try: 410 is final, so one request per event.
+    assert await queue_depth(amqp, settings.topology.sink_queue("crm")) == 0
+    assert await queue_depth(amqp, delay_queue(settings.topology, "crm", 0.2)) == 0
+    assert await dead_letters(amqp, settings) == []
+    assert fake.attempts == {event["event_id"]: 1 for event in events}
+
+
+async def test_attempts_are_bounded_then_dead_lettered(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    fake, _, url = receiver
+    fake.default = "500"
+    config = webhook_config(url, fake.secret, max_attempts=3)
+    await sinks.start(settings, [config])
+    await publish_events(amqp, settings, [envelope("x1")])
+    seen: list[Any] = []
+
+    async def dead() -> bool:
+        seen.extend(await dead_letters(amqp, settings))
+        return bool(seen)
+
+    await wait_for(dead, what="the dead letter")
+    assert fake.attempts["acme:x1:end"] == 3
+    assert (
+        "gave up after 3 attempts: HTTP 500" in plain_headers(seen[0].headers)["x-callpipe-error"]
+    )
+
+
+async def test_binding_keys_and_projects_filter_what_is_sent(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    fake, _, url = receiver
+    config = webhook_config(url, fake.secret, events=["call.ended.missed"], projects=["acme"])
+    await sinks.start(settings, [config])
+    events = [
+        envelope("f1"),
+        envelope("f2", project="beta"),
+        envelope("f3", outcome="answered"),
+        envelope("f4", outcome=None),
+        envelope("last"),
+    ]
+    await publish_events(amqp, settings, events)
+
+    async def last_arrived() -> bool:
+        return "acme:last:end" in fake.delivered
+
+    await wait_for(last_arrived, what="the last event")
+    # f2 was consumed and skipped before "last" (one queue, in order); the others never bound.
+    assert await queue_depth(amqp, settings.topology.sink_queue("crm")) == 0
+    assert set(fake.attempts) == {"acme:f1:end", "acme:last:end"}
