@@ -1,0 +1,268 @@
+"""Telegram missed-call alerts against a local fake of the Bot API; broker and database real."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from callpipe_testing import wait_for
+from conftest import Workers
+from sink_testing import FakeServer, RunningSinks, envelope, publish_events
+
+from callpipe.broker import plain_headers
+from callpipe.settings import Settings
+from schemas import codec
+from sinks.telegram import TelegramSinkConfig
+
+TOKEN = "123456:TEST-token"
+
+
+class FakeBotApi:
+    """Records the chat as Telegram would show it; a script can refuse or stall calls."""
+
+    def __init__(self) -> None:
+        self.chat: dict[int, str] = {}  # message_id -> current text
+        self.calls: list[tuple[str, dict[str, Any], float]] = []
+        self.script: list[str] = []  # for sendMessage: "429", "hang", "ok"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        prefix = f"/bot{TOKEN}/"
+        if not request.path.startswith(prefix):
+            return web.json_response({"ok": False, "error_code": 401}, status=401)
+        method = request.path.removeprefix(prefix)
+        payload = await request.json()
+        self.calls.append((method, payload, time.monotonic()))
+        if method == "sendMessage":
+            step = self.script.pop(0) if self.script else "ok"
+            if step == "429":
+                answer = {
+                    "ok": False,
+                    "error_code": 429,
+                    "description": "Too Many Requests",
+                    "parameters": {"retry_after": 1},
+                }
+                return web.json_response(answer, status=429)
+            message_id = len(self.chat) + 1
+            self.chat[message_id] = payload["text"]
+            if step == "hang":  # posted, but the answer never comes in time
+                await asyncio.sleep(3)
+            return web.json_response({"ok": True, "result": {"message_id": message_id}})
+        if method == "editMessageText":
+            if self.chat.get(payload["message_id"]) == payload["text"]:
+                return web.json_response(
+                    {
+                        "ok": False,
+                        "error_code": 400,
+                        "description": "Bad Request: message is not modified",
+                    },
+                    status=400,
+                )
+            self.chat[payload["message_id"]] = payload["text"]
+            return web.json_response({"ok": True, "result": {"message_id": payload["message_id"]}})
+        return web.json_response({"ok": False, "error_code": 404}, status=404)
+
+    def sent(self) -> list[dict[str, Any]]:
+        return [payload for method, payload, _ in self.calls if method == "sendMessage"]
+
+
+@pytest.fixture
+async def bot() -> AsyncIterator[tuple[FakeBotApi, str]]:
+    fake = FakeBotApi()
+    server = FakeServer(fake.handle)
+    url = await server.start()
+    try:
+        yield fake, url
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def sinks(amqp: AbstractRobustConnection) -> AsyncIterator[RunningSinks]:
+    running = RunningSinks(amqp)
+    try:
+        yield running
+    finally:
+        await running.remove()
+
+
+def telegram(api_base: str, **overrides: Any) -> TelegramSinkConfig:
+    values = {
+        "name": "missed",
+        "bot_token": TOKEN,
+        "chat_id": -100123,
+        "api_base": api_base,
+        "retry_delays_s": [0.2],
+        "timeout_s": 0.5,
+        "callback_window_min": 120,
+    }
+    return TelegramSinkConfig.model_validate({**values, **overrides})
+
+
+async def post(client: TestClient[Any, Any], kind: str, document: dict[str, Any]) -> None:
+    response = await client.post(f"/roistat/tok-acme/call-{kind}", data=codec.dumps(document))
+    assert response.status == 200, await response.text()
+
+
+CALL = {
+    "caller": "79990009911",
+    "callee": "74951234567",
+    "source_level_1": "Яндекс.Директ",
+    "source_level_2": "brand",
+    "landing_page": "https://shop.example/sale",
+}
+
+
+async def test_one_alert_per_missed_call_and_the_callback_follows_it_up(
+    client: TestClient[Any, Any],
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    workers: Workers,
+    sinks: RunningSinks,
+    bot: tuple[FakeBotApi, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake, url = bot
+    caplog.set_level(logging.INFO)
+    await sinks.start(settings, [telegram(url)])
+    workers.start_both(settings)
+    missed = {"id": "m1", "date": "2026-11-25 10:00:00", **CALL}
+    await post(client, "start", missed)
+    await post(client, "end", {**missed, "status": "NOANSWER", "duration": 0})
+    await post(client, "end", {**missed, "status": "NOANSWER", "duration": 0})  # Roistat resends
+
+    async def alerted() -> bool:
+        return len(fake.chat) == 1
+
+    await wait_for(alerted, what="the alert")
+    text = fake.chat[1]
+    for part in (
+        "Missed call",
+        "+79990009911",
+        "+74951234567",
+        "25.11.2026 10:00 (Europe/Moscow)",
+        "Яндекс.Директ / brand",
+        "https://shop.example/sale",
+        "acme",
+    ):
+        assert part in text, (part, text)
+    assert fake.sent()[0]["chat_id"] == "-100123"
+
+    # The same event again (a duplicate from a crash window): nothing new in the chat.
+    stored = envelope("m1", caller="+79990009911")
+    await publish_events(amqp, settings, [stored])
+    # Another caller's missed call behind it, as a marker: one queue, one at a time.
+    await post(
+        client,
+        "end",
+        {"id": "m2", "date": "2026-11-25 10:05:00", "caller": "79161112233", "status": "BUSY"},
+    )
+
+    async def marker_alerted() -> bool:
+        return len(fake.chat) == 2
+
+    await wait_for(marker_alerted, what="the marker's alert")
+    assert len(fake.sent()) == 2
+
+    # The first caller gets through 20 minutes later: the alert is edited.
+    answered = {"id": "a1", "date": "2026-11-25 10:20:00", **CALL}
+    await post(client, "end", {**answered, "status": "ANSWER", "duration": 95})
+
+    async def followed_up() -> bool:
+        return "Reached" in fake.chat[1]
+
+    await wait_for(followed_up, what="the follow-up")
+    assert "10:20" in fake.chat[1] and "talked 1:35" in fake.chat[1]
+    assert "Reached" not in fake.chat[2]  # another caller's alert stays open
+    assert len(fake.sent()) == 2
+    logs = caplog.text
+    assert "+79990009911" not in logs and "9990009911" not in logs
+
+
+async def test_a_callback_outside_the_window_changes_nothing(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    bot: tuple[FakeBotApi, str],
+    db: asyncpg.Pool,
+) -> None:
+    fake, url = bot
+    await sinks.start(settings, [telegram(url, callback_window_min=30)])
+    late = envelope("w2", outcome="answered", called_at="2026-11-25T08:00:00Z")
+    await publish_events(amqp, settings, [envelope("w1"), late, envelope("w3", caller="+7916")])
+
+    async def both_alerts() -> bool:
+        return len(fake.chat) == 2
+
+    await wait_for(both_alerts, what="two alerts")
+    assert not [call for call in fake.calls if call[0] == "editMessageText"]
+    state = await db.fetchval(
+        f'SELECT followed_up_by FROM "{settings.namespace}".telegram_alerts WHERE call_id = $1',
+        "w1",
+    )
+    assert state is None
+
+
+async def test_telegrams_retry_after_is_honoured(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    bot: tuple[FakeBotApi, str],
+) -> None:
+    fake, url = bot
+    fake.script = ["429"]
+    await sinks.start(settings, [telegram(url)])
+    await publish_events(amqp, settings, [envelope("t1")])
+
+    async def alerted() -> bool:
+        return len(fake.chat) == 1
+
+    await wait_for(alerted, what="the alert after the 429")
+    attempts = [at for method, _, at in fake.calls if method == "sendMessage"]
+    assert len(attempts) == 2
+    assert attempts[1] - attempts[0] >= 1.0  # retry_after was 1 s; the schedule alone is 0.2 s
+
+
+async def test_an_alert_that_may_have_arrived_is_never_sent_twice(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    bot: tuple[FakeBotApi, str],
+    db: asyncpg.Pool,
+) -> None:
+    fake, url = bot
+    fake.script = ["hang"]  # Telegram posts it, but the answer comes after our timeout
+    await sinks.start(settings, [telegram(url)])
+    await publish_events(amqp, settings, [envelope("h1")])
+    dead: list[Any] = []
+
+    async def dead_lettered() -> bool:
+        async with amqp.channel() as channel:
+            queue = await channel.get_queue(settings.topology.dead_queue)
+            message = await queue.get(fail=False, no_ack=True)
+        if message is not None:
+            dead.append(message)
+        return bool(dead)
+
+    await wait_for(dead_lettered, what="the dead letter")
+    reason = plain_headers(dead[0].headers)["x-callpipe-error"]
+    assert "may have arrived" in reason
+    # The same event again: the state says "unknown", so nothing is sent.
+    await publish_events(amqp, settings, [envelope("h1"), envelope("h2")])
+
+    async def marker() -> bool:
+        return len(fake.sent()) == 2
+
+    await wait_for(marker, what="the marker's alert")
+    assert [payload["text"].count("call h1") for payload in fake.sent()] == [1, 0]
+    state = await db.fetchval(
+        f'SELECT state FROM "{settings.namespace}".telegram_alerts WHERE call_id = $1', "h1"
+    )
+    assert state == "unknown"
