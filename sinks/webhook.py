@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from datetime import UTC, datetime
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 # Spec: these mean "try again later"; any other 4xx will not change by retrying.
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 USER_AGENT = "callpipe-webhooks/1"
+SECRET_PREFIX = "whsec_"
+MIN_SECRET_BYTES = 16
 
 
 class WebhookSinkConfig(SinkConfig):
@@ -31,10 +34,16 @@ class WebhookSinkConfig(SinkConfig):
     @field_validator("secret")
     @classmethod
     def _secret(cls, value: SecretStr) -> SecretStr:
+        encoded = value.get_secret_value().removeprefix(SECRET_PREFIX)
         try:
-            Webhook(value.get_secret_value())
-        except Exception:
-            raise ValueError("must be a Standard Webhooks secret: whsec_ and base64") from None
+            key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        except ValueError:
+            key = b""
+        if not value.get_secret_value().startswith(SECRET_PREFIX) or len(key) < MIN_SECRET_BYTES:
+            raise ValueError(
+                f"must be a Standard Webhooks secret: {SECRET_PREFIX} and at least "
+                f"{MIN_SECRET_BYTES} random bytes in base64"
+            )
         return value
 
     @field_validator("events")

@@ -57,7 +57,12 @@ async def test_setup_declares_and_migrates_and_is_idempotent(
         tables = await db.fetch(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", namespace
         )
-        assert {r["table_name"] for r in tables} == {"calls", "call_events", "schema_migrations"}
+        assert {r["table_name"] for r in tables} == {
+            "calls",
+            "call_events",
+            "schema_migrations",
+            "telegram_alerts",
+        }
     finally:
         async with amqp.channel() as channel:
             await delete_topology(channel, Topology(namespace))
