@@ -113,3 +113,73 @@ def event_routing_key(event_type: str, outcome: str | None) -> str:
 def event_id(project: str, call_id: str, kind: Kind) -> str:
     """The idempotency key of one webhook: `{project}:{call_id}:{kind}`."""
     return f"{project}:{call_id}:{kind}"
+
+
+# A replay publishes straight to a queue (default exchange), so the routing key a subscriber
+# of `{ns}.events` would see travels in this header instead.
+HEADER_ROUTING_KEY = "x-callpipe-routing-key"
+
+_BINDING_KEY_MAX_BYTES = 255  # AMQP shortstr
+
+
+class InvalidBindingKeyError(ValueError):
+    """Not a topic binding key: dot-separated words, `*` and `#` only as whole words."""
+
+
+def validate_binding_key(key: str) -> str:
+    """Return `key` if it is a topic binding key such as `call.ended.*` or `call.#`."""
+    if not key:
+        raise InvalidBindingKeyError("a binding key cannot be empty (use '#' for everything)")
+    if len(key.encode()) > _BINDING_KEY_MAX_BYTES:
+        raise InvalidBindingKeyError(f"binding key is over {_BINDING_KEY_MAX_BYTES} bytes")
+    for word in key.split("."):
+        if not word:
+            raise InvalidBindingKeyError(
+                f"binding key {key!r} has an empty word: words are separated by single dots"
+            )
+        if word not in ("*", "#") and ("*" in word or "#" in word):
+            raise InvalidBindingKeyError(
+                f"binding key {key!r}: '*' and '#' must be whole words, as in 'call.ended.*'"
+            )
+        if any(char.isspace() or not char.isprintable() for char in word):
+            raise InvalidBindingKeyError(
+                f"binding key {key!r} contains whitespace or a control character"
+            )
+    return key
+
+
+def topic_matches(binding_key: str, routing_key: str) -> bool:
+    """Whether a topic exchange routes `routing_key` to a `binding_key` binding.
+
+    Words are separated by dots; `*` matches exactly one word, `#` zero or more.
+    """
+    pattern = binding_key.split(".") if binding_key else []
+    words = routing_key.split(".") if routing_key else []
+    # The pattern positions reachable after the words read so far (an NFA, no backtracking).
+    states = _after_hashes(pattern, {0})
+    for word in words:
+        following: set[int] = set()
+        for position in states:
+            if position == len(pattern):
+                continue
+            token = pattern[position]
+            if token == "#":
+                following.add(position)
+            elif token in ("*", word):
+                following.add(position + 1)
+        states = _after_hashes(pattern, following)
+        if not states:
+            return False
+    return len(pattern) in states
+
+
+def _after_hashes(pattern: list[str], states: set[int]) -> set[int]:
+    """Add the positions reached by letting each `#` match no word."""
+    closed = set(states)
+    pending = list(states)
+    while pending:
+        position = pending.pop()
+        if position < len(pattern) and pattern[position] == "#" and position + 1 not in closed:
+            closed.add(position + 1)
+            pending.append(position + 1)
+    return closed
