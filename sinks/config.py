@@ -19,17 +19,6 @@ class SinksFileError(ValueError):
     """The sinks file cannot be used; the message names the file, the sink and the key."""
 
 
-def validate_binding_key(key: str) -> str:
-    """An AMQP topic binding key: dot-separated words, `*` and `#` only as whole words."""
-    words = key.split(".")
-    if not key or any(not word for word in words):
-        raise ValueError(f"binding key {key!r} has an empty word")
-    for word in words:
-        if word not in ("*", "#") and ("*" in word or "#" in word):
-            raise ValueError(f"binding key {key!r}: `*` and `#` must stand alone between dots")
-    return key
-
-
 class SinkConfig(BaseModel):
     """What every sink has: a name (its queue), filters, a retry schedule and limits."""
 

@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from callpipe.broker import ConfirmedPublisher, PublishFailedError, plain_headers
 from schemas import codec
-from schemas.topology import HEADER_ERROR, Topology
+from schemas.topology import HEADER_ERROR, HEADER_ROUTING_KEY, Topology
 from sinks.config import SinkConfig
 from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater, Sink
 from sinks.retry import Ack, DeadLetter, Delay, SinkAction, next_action
@@ -20,7 +20,6 @@ from sinks.topology import delay_queue
 log = logging.getLogger(__name__)
 
 HEADER_ATTEMPT = "x-callpipe-attempt"
-HEADER_ROUTING_KEY = "x-callpipe-routing-key"  # kept when a delay or a replay re-routes it
 HEADER_SINK = "x-callpipe-sink"
 CANCEL_TIMEOUT_S = 3.0
 MAX_PAUSE_S = 60.0  # the longest a destination's "slow down" holds the whole sink

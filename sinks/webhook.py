@@ -12,7 +12,8 @@ import aiohttp
 from pydantic import AnyHttpUrl, SecretStr, field_validator
 from standardwebhooks.webhooks import Webhook
 
-from sinks.config import SinkConfig, validate_binding_key
+from schemas.topology import validate_binding_key
+from sinks.config import SinkConfig
 from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater
 
 log = logging.getLogger(__name__)

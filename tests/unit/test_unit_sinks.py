@@ -13,7 +13,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from sinks.config import SinksFileError, validate_binding_key
+from schemas.topology import validate_binding_key
+from sinks.config import SinksFileError
 from sinks.port import Done, GiveUp, RetryLater
 from sinks.registry import load_sinks
 from sinks.retry import Ack, DeadLetter, Delay, RetrySchedule, next_action
@@ -150,7 +151,10 @@ def test_no_file_no_sinks() -> None:
         ("[[webhook]]\nname='crm'\nurl='ftp://x'\nsecret='{s}'", "url:"),
         ("[[webhook]]\nname='crm'\nurl='http://x'\nsecret='nope!'", "Standard Webhooks secret"),
         ("[[webhook]]\nname='crm'\nurl='http://x'", "secret: Field required"),
-        ("[[webhook]]\nname='crm'\nurl='http://x'\nsecret='{s}'\nevents=['call.*x']", "alone"),
+        (
+            "[[webhook]]\nname='crm'\nurl='http://x'\nsecret='{s}'\nevents=['call.*x']",
+            "whole words",
+        ),
         ("[[webhook]]\nname='crm'\nurl='http://x'\nsecret='{s}'\nretry_delays_s=[]", "delay"),
         ("[[webhook]]\nname='crm'\nurl='http://x'\nsecret='{s}'\ntypo=1", "typo: Extra inputs"),
         (
