@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 
 import asyncpg
 
 from callpipe.broker import ConfirmedPublisher, connect, declare_topology
 from callpipe.retry import StoppedError
 from callpipe.settings import Settings
+from schemas import codec
+from schemas.events import CallEvent, CallFields
 from sinks.config import SinkConfig
 from sinks.consumer import SinkConsumer
+from sinks.port import DeliveryResult, Event
 from sinks.registry import SinkResources, open_sink
 from sinks.topology import declare_sink
 from workers.service import close_quietly, migrate_when_up
@@ -73,3 +78,47 @@ async def _start(
         resources.push_async_callback(close_quietly, sink.close)
         consumers.append(SinkConsumer(config, sink, queue, publisher, topology))
     return consumers
+
+
+def sample_event(now: datetime) -> Event:
+    """A missed call of project `callpipe-test`, for trying a destination by hand."""
+    call_id = f"test-{uuid.uuid4().hex[:8]}"
+    event = CallEvent(
+        event_id=f"callpipe-test:{call_id}:end",
+        type="call.ended",
+        occurred_at=now,
+        received_at=now,
+        project="callpipe-test",
+        call=CallFields(
+            call_id=call_id,
+            caller="+79990000000",
+            callee="+74950000000",
+            called_at=now,
+            status="NOANSWER",
+            outcome="missed",
+            is_missed=True,
+            duration_s=0,
+            source_level_1="callpipe",
+            source_level_2="sinks --test",
+            revision=1,
+            end_received_at=now,
+        ),
+        raw={"id": call_id, "status": "NOANSWER"},
+    )
+    body = codec.dumps(event.to_json_dict())
+    return Event(body, codec.loads(body), "call.ended.missed")
+
+
+async def try_sink(settings: Settings, config: SinkConfig) -> DeliveryResult:
+    """Deliver one sample event to the sink's destination now, bypassing its queue."""
+    async with AsyncExitStack() as resources:
+
+        async def database() -> asyncpg.Pool:
+            await migrate_when_up(settings)
+            pool = await create_pool(settings.database_url, settings.namespace, max_size=1)
+            resources.push_async_callback(close_quietly, pool.close)
+            return pool
+
+        sink = await open_sink(config, SinkResources(database, settings.time_zone))
+        resources.push_async_callback(close_quietly, sink.close)
+        return await sink.deliver(sample_event(datetime.now(UTC)))

@@ -17,6 +17,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from callpipe.broker import plain_headers
 from callpipe.settings import Settings
 from schemas import codec
+from sinks.port import Done, GiveUp
+from sinks.service import try_sink
 from sinks.topology import delay_queue
 from sinks.webhook import WebhookSinkConfig
 
@@ -248,3 +250,16 @@ async def test_binding_keys_and_projects_filter_what_is_sent(
     # f2 was consumed and skipped before "last" (one queue, in order); the others never bound.
     assert await queue_depth(amqp, settings.topology.sink_queue("crm")) == 0
     assert set(fake.attempts) == {"acme:f1:end", "acme:last:end"}
+
+
+async def test_trying_a_destination_sends_one_signed_sample(
+    settings: Settings, receiver: tuple[Receiver, FakeServer, str]
+) -> None:
+    fake, _, url = receiver
+    result = await try_sink(settings, webhook_config(url, fake.secret))
+    assert result == Done()
+    assert fake.forged == 0
+    (event_id,) = fake.delivered
+    assert event_id.startswith("callpipe-test:test-")
+    fake.default = "410"
+    assert isinstance(await try_sink(settings, webhook_config(url, fake.secret)), GiveUp)

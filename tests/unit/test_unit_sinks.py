@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,13 @@ def test_followed_up_text() -> None:
         text
         == "alert\n\n✅ Reached: the caller got through at 25.11.2026 10:20, talked 1:35 (call 2)"
     )
+
+
+def test_the_example_sinks_file_is_valid_once_uncommented(tmp_path: Path) -> None:
+    example = Path(__file__).parents[2] / "examples" / "sinks.toml"
+    assert load_sinks(example) == []  # as shipped: every sink commented out
+    lines = example.read_text(encoding="utf-8").splitlines()
+    # Uncomment the tables and their keys, not the prose.
+    active = [line.removeprefix("# ") for line in lines if re.match(r"# (\[\[|\w+ = )", line)]
+    crm, missed = load_sinks(write(tmp_path, "\n".join(active)))
+    assert crm.name == "crm" and missed.name == "missed"
