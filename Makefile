@@ -14,7 +14,12 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-install: $(BIN)/.installed
+# The official AsyncAPI parser, for tests/unit/test_asyncapi.py (needs Node.js 20+).
+tests/asyncapi/node_modules/.installed: tests/asyncapi/package.json tests/asyncapi/package-lock.json
+	npm ci --prefix tests/asyncapi --no-audit --no-fund --ignore-scripts --loglevel=error
+	touch $@
+
+install: $(BIN)/.installed tests/asyncapi/node_modules/.installed
 
 services:
 	scripts/ensure-services
