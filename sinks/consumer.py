@@ -62,12 +62,14 @@ class SinkConsumer:
         self._topology = topology
         self._in_flight: set[asyncio.Task[None]] = set()
         self._resume_at = 0.0
+        self._stopping = asyncio.Event()
 
     async def run(self, stop: asyncio.Event, shutdown_timeout_s: float) -> None:
         """Consume until `stop`, then let in-flight deliveries finish."""
         tag = await self._queue.consume(self._on_message)
         log.info("sink %s consuming %s", self._config.name, self._queue.name)
         await stop.wait()
+        self._stopping.set()
         try:
             async with asyncio.timeout(CANCEL_TIMEOUT_S):
                 await self._queue.cancel(tag)
@@ -95,11 +97,14 @@ class SinkConsumer:
                 await self._settle(message, action)
                 return
             except PublishFailedError as exc:
-                # The delivery stays ours until it is settled; the broker keeps it meanwhile.
+                # Unsettled, the delivery stays with the broker: it returns when we go.
                 log.warning(
                     "sink %s cannot settle %s yet: %s", self._config.name, message.message_id, exc
                 )
-                await asyncio.sleep(SETTLE_RETRY_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=SETTLE_RETRY_S)
+            if self._stopping.is_set():
+                return
 
     async def _deliver(self, event: Event) -> DeliveryResult:
         if not self._config.wants(event.project):
@@ -120,7 +125,8 @@ class SinkConsumer:
     async def _paused(self) -> None:
         wait = self._resume_at - time.monotonic()
         if wait > 0:
-            await asyncio.sleep(wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=wait)
 
     async def _settle(self, message: AbstractIncomingMessage, action: SinkAction) -> None:
         if isinstance(action, Delay):

@@ -66,10 +66,10 @@ async def _start(
     publisher = await ConfirmedPublisher.open(publish_conn, settings.publish_timeout_s)
     shared = SinkResources(database=database, time_zone=settings.time_zone)
 
+    await declare_topology(await consume_conn.channel(), topology)
     consumers = []
     for config in configs:
         channel = await consume_conn.channel()
-        await declare_topology(channel, topology)
         await declare_sink(channel, topology, config)
         # The prefetch is the cap on requests in flight to this destination.
         await channel.set_qos(prefetch_count=config.max_in_flight)

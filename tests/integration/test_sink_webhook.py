@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
@@ -263,3 +264,53 @@ async def test_trying_a_destination_sends_one_signed_sample(
     assert event_id.startswith("callpipe-test:test-")
     fake.default = "410"
     assert isinstance(await try_sink(settings, webhook_config(url, fake.secret)), GiveUp)
+
+
+async def test_an_event_that_cannot_be_delayed_is_held_not_lost(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    fake, _, url = receiver
+    fake.script["acme:d1:end"] = ["503"]
+    config = webhook_config(url, fake.secret, retry_delays_s=[0.3])
+    await sinks.declare(settings, [config])
+    async with amqp.channel() as channel:  # someone deleted the delay queue by hand
+        await channel.queue_delete(delay_queue(settings.topology, "crm", 0.3))
+    await sinks.start(settings, [config])
+    await publish_events(amqp, settings, [envelope("d1")])
+
+    async def tried() -> bool:
+        return fake.attempts["acme:d1:end"] == 1
+
+    await wait_for(tried, what="the first attempt")
+    await sinks.declare(settings, [config])  # `callpipe setup` again: the queue is back
+
+    async def delivered() -> bool:
+        return fake.delivered["acme:d1:end"] == 1
+
+    await wait_for(delivered, what="the delivery once the delay queue is back")
+
+
+async def test_a_message_that_is_not_an_event_is_dead_lettered(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    fake, _, url = receiver
+    await sinks.start(settings, [webhook_config(url, fake.secret)])
+    async with amqp.channel() as channel:
+        exchange = await channel.get_exchange(settings.topology.events_exchange)
+        await exchange.publish(aio_pika.Message(b"not json", message_id="junk"), "call.started")
+    seen: list[Any] = []
+
+    async def dead() -> bool:
+        seen.extend(await dead_letters(amqp, settings))
+        return bool(seen)
+
+    await wait_for(dead, what="the dead letter")
+    assert seen[0].body == b"not json"
+    assert plain_headers(seen[0].headers)["x-callpipe-error"] == "not JSON: not an event"
+    assert not fake.attempts
