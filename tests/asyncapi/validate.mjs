@@ -14,6 +14,8 @@ const fail = (message) => {
 };
 
 if (process.argv.length !== 3) fail('usage: node validate.mjs PATH/TO/asyncapi.yaml');
+const major = Number(process.versions.node.split('.')[0]);
+if (major < 20) fail(`Node.js ${process.versions.node} is too old: the parser needs 20 or later`);
 const path = resolve(process.argv[2]);
 
 let parsed;

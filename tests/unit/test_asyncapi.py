@@ -26,7 +26,7 @@ DOCUMENT = ROOT / "schemas" / "asyncapi.yaml"
 EVENT_SCHEMA = JSON_DIR / "call-event.schema.json"
 NODE_PROJECT = ROOT / "tests" / "asyncapi"
 PARSER = NODE_PROJECT / "node_modules" / "@asyncapi" / "parser" / "package.json"
-INSTALL = "run `make install` (npm ci --prefix tests/asyncapi; needs Node.js 20 or later)"
+INSTALL = "run `make install` (it runs npm ci --prefix tests/asyncapi)"
 PARSE_TIMEOUT_S = 60
 PARAMETER = re.compile(r"\{([^{}]+)\}")
 
@@ -36,7 +36,9 @@ def parsed() -> dict[str, Any]:
     """What tests/asyncapi/validate.mjs reports; fails (never skips) without node or the parser."""
     node = shutil.which("node")
     if node is None:
-        pytest.fail(f"`node` is not on PATH: install Node.js 20+, then {INSTALL}", pytrace=False)
+        pytest.fail(
+            f"`node` is not on PATH: install Node.js 20 or later, then {INSTALL}", pytrace=False
+        )
     if not PARSER.is_file():
         pytest.fail(
             f"the AsyncAPI parser is not installed in {NODE_PROJECT}: {INSTALL}", pytrace=False
@@ -118,10 +120,10 @@ def test_each_message_payload_is_the_generated_event_schema(parsed: dict[str, An
     assert len(parsed["messages"]) == len(get_args(EventType))
     for message in parsed["messages"]:
         payload = _without_parser_annotations(message["payload"])
-        for part, schema in (("envelope", payload), ("call", payload["properties"]["call"])):
-            want = expected if part == "envelope" else expected["properties"]["call"]
-            assert sorted(schema["properties"]) == sorted(want["properties"]), (message["id"], part)
-            assert schema["required"] == want["required"], (message["id"], part)
+        call, expected_call = payload["properties"]["call"], expected["properties"]["call"]
+        for part, got, want in (("envelope", payload, expected), ("call", call, expected_call)):
+            assert sorted(got["properties"]) == sorted(want["properties"]), (message["id"], part)
+            assert got["required"] == want["required"], (message["id"], part)
         assert payload == expected, message["id"]
 
 
