@@ -24,8 +24,9 @@ install: $(BIN)/.installed tests/asyncapi/node_modules/.installed
 services:
 	scripts/ensure-services
 
-## Run the whole pipeline (ingress on :8080 and both workers) against local RabbitMQ/PostgreSQL.
-run: install services
+## Run the whole pipeline (ingress on :8080, both workers, the sinks of CALLPIPE_SINKS_FILE)
+## against local RabbitMQ/PostgreSQL. Needs no Node.js: that is for the tests only.
+run: $(BIN)/.installed services
 	$(BIN)/callpipe setup
 	$(BIN)/callpipe run
 
@@ -46,4 +47,4 @@ schemas: install
 	$(BIN)/python -m schemas.jsonschema
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) tests/asyncapi/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
