@@ -40,7 +40,7 @@ lint: install
 	$(BIN)/mypy .
 
 ## Post 20 sample calls to the pipeline `make run` started.
-sample: install
+sample: $(BIN)/.installed
 	$(BIN)/callpipe send-sample --url http://127.0.0.1:8080/roistat/demo-token --calls 20
 
 schemas: install
