@@ -280,3 +280,9 @@ def test_the_example_sinks_file_is_valid_once_uncommented(tmp_path: Path) -> Non
     active = [line.removeprefix("# ") for line in lines if re.match(r"# (\[\[|\w+ = )", line)]
     crm, missed = load_sinks(write(tmp_path, "\n".join(active)))
     assert crm.name == "crm" and missed.name == "missed"
+
+
+def test_the_default_schedule_outlasts_an_hour_long_outage() -> None:
+    schedule = RetrySchedule()
+    waited = sum(schedule.delay_for(attempt) for attempt in range(1, schedule.max_attempts))
+    assert waited > 3 * 3600  # the bar is one hour; the defaults give about ten
