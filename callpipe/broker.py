@@ -22,6 +22,11 @@ from schemas.topology import DELIVERY_LIMIT, Topology
 log = logging.getLogger(__name__)
 
 
+# aio-pika waits 5 s between reconnect attempts by default: a restarted broker would go
+# unnoticed that long (DESIGN, known pitfalls).
+RECONNECT_S = 1.0
+
+
 class PublishFailedError(Exception):
     """The broker did not confirm the message: it may not be stored. Never answer 200."""
 
@@ -73,7 +78,9 @@ async def connect(
     """A robust connection, retried with backoff until the broker answers (or `stop` is set)."""
     return await retry_until_done(
         f"connecting to the broker as {name}",
-        lambda: aio_pika.connect_robust(url, client_properties={"connection_name": name}),
+        lambda: aio_pika.connect_robust(
+            url, client_properties={"connection_name": name}, reconnect_interval=RECONNECT_S
+        ),
         retry_on=(TimeoutError, OSError, aiormq.exceptions.AMQPError),
         stop=stop,
     )

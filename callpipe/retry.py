@@ -12,6 +12,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# Short enough that a service coming back is noticed within seconds, not after a long backoff.
+MAX_DELAY_S = 2.0
+
 
 class StoppedError(Exception):
     """A stop was asked for while a start-up step was still waiting for its service."""
@@ -36,7 +39,7 @@ async def retry_until_done(
             await asyncio.wait_for(stop.wait(), timeout=delay)
         if stop.is_set():
             raise StoppedError(what)
-        delay = min(delay * 2, 10.0)
+        delay = min(delay * 2, MAX_DELAY_S)
 
 
 async def _unless_stopped(what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event) -> T:

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
     log_level: str = "INFO"
     sinks_file: Path | None = None  # TOML; no file: no sinks
+    # Outage spool of the ingress: one directory per instance (default .spool/<namespace>).
+    spool_dir: Path | None = None
+    spool_max_bytes: int = Field(default=1024**3, ge=1024 * 1024)
+    # A webhook whose confirm takes longer than this is spooled and answered 200.
+    confirm_deadline_s: float = Field(default=0.5, gt=0, le=30)
 
     @field_validator("log_level")
     @classmethod
@@ -73,6 +78,10 @@ class Settings(BaseSettings):
     @cached_property
     def topology(self) -> Topology:
         return Topology(self.namespace)
+
+    @cached_property
+    def spool_path(self) -> Path:
+        return self.spool_dir or Path(".spool") / self.namespace
 
     @cached_property
     def time_zone(self) -> ZoneInfo:

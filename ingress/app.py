@@ -12,9 +12,13 @@ from ingress.auth import TokenMap
 from ingress.broker_link import BrokerLink
 from ingress.handlers import WebhookHandler, json_error
 from ingress.metrics import IngressMetrics
+from ingress.relay import WebhookRelay
+from ingress.spool import Spool
 
 BROKER = web.AppKey("broker", BrokerLink)
 METRICS = web.AppKey("metrics", IngressMetrics)
+SPOOL = web.AppKey("spool", Spool)
+RELAY = web.AppKey("relay", WebhookRelay)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -37,12 +41,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready while a webhook can be taken: the broker confirms, or the spool has room."""
     if request.app[BROKER].is_ready:
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "broker not connected"}, status=503)
+    if request.app[SPOOL].has_room:
+        return web.json_response({"status": "ready", "spooling": True})
+    return web.json_response({"status": "broker not connected and spool full"}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:
+    spool, gauges = request.app[SPOOL], request.app[METRICS]
+    gauges.spool_bytes.set(spool.bytes)
+    gauges.spool_messages.set(spool.messages)
+    gauges.spool_oldest_age.set(spool.oldest_age_s())
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -54,19 +65,26 @@ def init_app(settings: Settings) -> web.Application:
         raise ValueError("CALLPIPE_TOKENS is empty: set it to project:token[,project:token...]")
     app = web.Application(middlewares=[count_and_explain])
     broker = BrokerLink(settings.amqp_url, settings.topology, settings.publish_timeout_s)
-    app[BROKER] = broker
+    # Room means room for the largest body, with its headers.
+    spool = Spool(settings.spool_path, settings.spool_max_bytes, settings.max_body_bytes + 4096)
+    relay = WebhookRelay(broker, spool, settings.confirm_deadline_s)
+    app[BROKER], app[SPOOL], app[RELAY] = broker, spool, relay
     app[METRICS] = IngressMetrics()
     handler = WebhookHandler(
-        tokens, broker, settings.topology, settings.max_body_bytes, app[METRICS]
+        tokens, relay, settings.topology, settings.max_body_bytes, app[METRICS]
     )
 
-    async def broker_connection(app: web.Application) -> AsyncIterator[None]:
+    async def broker_and_spool(app: web.Application) -> AsyncIterator[None]:
+        spool.open()  # before the first request: what a crash left is sent first
         broker.start()
+        relay.start()
         yield
-        # Cleanup runs after in-flight handlers have had their confirms.
+        # Cleanup runs after in-flight handlers have had their confirms or their fsyncs.
+        await relay.stop()
         await broker.close()
+        spool.close()
 
-    app.cleanup_ctx.append(broker_connection)
+    app.cleanup_ctx.append(broker_and_spool)
     app.router.add_post("/roistat/{token}/call-start", handler.call_start)
     app.router.add_post("/roistat/{token}/call-end", handler.call_end)
     app.router.add_post("/roistat/{token}", handler.call_any)

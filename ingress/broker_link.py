@@ -11,6 +11,7 @@ from typing import Any
 from aio_pika.abc import AbstractRobustConnection
 
 from callpipe.broker import ConfirmedPublisher, PublishFailedError, connect, declare_topology
+from callpipe.retry import MAX_DELAY_S
 from schemas.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class BrokerLink:
                 log.warning("broker link not set up (%r); retrying in %.1fs", exc, delay)
                 await self._discard_connection()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = min(delay * 2, MAX_DELAY_S)
 
     async def _open(self) -> None:
         connection = await connect(self._amqp_url, name="callpipe-ingress")
@@ -53,6 +54,17 @@ class BrokerLink:
         await channel.close()
         self._publisher = await ConfirmedPublisher.open(connection, self._publish_timeout_s)
         log.info("ingress connected to the broker")
+
+    async def redeclare(self) -> None:
+        """Declare the topology again: a queue deleted by hand makes every publish return."""
+        if self._connection is None:
+            return
+        try:
+            channel = await self._connection.channel()
+            await declare_topology(channel, self._topology)
+            await channel.close()
+        except Exception as exc:
+            log.warning("could not declare the topology again: %r", exc)
 
     async def _discard_connection(self) -> None:
         connection, self._connection, self._publisher = self._connection, None, None

@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from callpipe.broker import PublishFailedError
 from ingress.auth import TokenMap
-from ingress.broker_link import BrokerLink
 from ingress.metrics import IngressMetrics
+from ingress.relay import WebhookRelay
+from ingress.spool import SpoolUnavailableError
 from schemas.roistat import InvalidWebhookError, call_id_of, detect_kind, read_webhook
 from schemas.topology import (
     HEADER_KIND,
@@ -64,13 +64,13 @@ class WebhookHandler:
     def __init__(
         self,
         tokens: TokenMap,
-        broker: BrokerLink,
+        relay: WebhookRelay,
         topology: Topology,
         max_body_bytes: int,
         metrics: IngressMetrics,
     ) -> None:
         self._tokens = tokens
-        self._broker = broker
+        self._relay = relay
         self._topology = topology
         self._max_body_bytes = max_body_bytes
         self._metrics = metrics
@@ -114,10 +114,13 @@ class WebhookHandler:
         assert call_id is not None  # read_webhook guarantees a usable id
         accepted_id = event_id(project, call_id, kind)
         headers[HEADER_KIND] = kind
-        if not await self._publish(
+        spooled = await self._publish(
             self._topology.webhooks_exchange, ROUTING_KEY_BY_KIND[kind], body, accepted_id, headers
-        ):
+        )
+        if spooled is None:
             return self._unavailable()
+        if spooled:
+            return web.json_response({"accepted": True, "event_id": accepted_id, "spooled": True})
         return web.json_response({"accepted": True, "event_id": accepted_id})
 
     async def _reject(
@@ -128,8 +131,11 @@ class WebhookHandler:
         if kind is not None:
             headers[HEADER_KIND] = kind
         message_id = f"{headers[HEADER_PROJECT]}:rejected:{uuid.uuid4().hex}"
-        if not await self._publish(
-            self._topology.webhooks_exchange, ROUTING_KEY_REJECTED, body, message_id, headers
+        if (
+            await self._publish(
+                self._topology.webhooks_exchange, ROUTING_KEY_REJECTED, body, message_id, headers
+            )
+            is None
         ):
             return self._unavailable()
         self._metrics.rejected.labels(exc.reason).inc()
@@ -149,23 +155,23 @@ class WebhookHandler:
         body: bytes,
         message_id: str,
         headers: dict[str, str],
-    ) -> bool:
+    ) -> bool | None:
+        """True: spooled; False: confirmed by the broker; None: neither (answer 503)."""
         started = time.perf_counter()
         try:
-            await self._broker.publish(
-                exchange, routing_key, body, message_id=message_id, headers=headers
-            )
-        except PublishFailedError as exc:
+            spooled = await self._relay.send(exchange, routing_key, body, message_id, headers)
+        except SpoolUnavailableError as exc:
             self._metrics.publish_seconds.labels("failed").observe(time.perf_counter() - started)
-            log.error("publish of %s failed, answering 503: %s", message_id, exc)
-            return False
-        self._metrics.publish_seconds.labels("confirmed").observe(time.perf_counter() - started)
-        return True
+            log.error("%s neither confirmed nor spooled, answering 503: %s", message_id, exc)
+            return None
+        outcome = "spooled" if spooled else "confirmed"
+        self._metrics.publish_seconds.labels(outcome).observe(time.perf_counter() - started)
+        return spooled
 
     @staticmethod
     def _unavailable() -> web.Response:
         return json_error(
             503,
-            "the message broker did not confirm the webhook; retry later",
+            "the webhook could be neither confirmed by the broker nor spooled; retry later",
             headers={"Retry-After": RETRY_AFTER_S},
         )

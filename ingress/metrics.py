@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class IngressMetrics:
@@ -30,5 +30,20 @@ class IngressMetrics:
         self.oversize = Counter(
             "callpipe_ingress_oversize",
             "Bodies over MAX_BODY_BYTES, answered 413 and not published",
+            registry=self.registry,
+        )
+        self.spool_bytes = Gauge(
+            "callpipe_ingress_spool_bytes",
+            "Bytes of webhooks in the outage spool, waiting for the broker",
+            registry=self.registry,
+        )
+        self.spool_messages = Gauge(
+            "callpipe_ingress_spool_messages",
+            "Webhooks in the outage spool, answered 200 and waiting for the broker",
+            registry=self.registry,
+        )
+        self.spool_oldest_age = Gauge(
+            "callpipe_ingress_spool_oldest_age_seconds",
+            "Age of the oldest webhook in the outage spool (0 when empty)",
             registry=self.registry,
         )

@@ -8,13 +8,16 @@ fails the run: integration tests never skip silently.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -33,6 +36,9 @@ from workers.migrate import drop_schema, migrate
 from workers.service import run_worker
 
 TOKENS = "acme:tok-acme,beta:tok-beta"
+# Every test's ingress spools into a directory of its own under here, removed at exit.
+SPOOL_ROOT = Path(tempfile.mkdtemp(prefix="callpipe-test-spool-"))
+atexit.register(shutil.rmtree, SPOOL_ROOT, True)
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,7 @@ def make_settings(services: Services, namespace: str, **overrides: Any) -> Setti
         "publish_timeout_s": 10.0,  # slow fsyncs on a busy CI box must not fail a test
         "shutdown_timeout_s": 10.0,
         "prefetch": 16,
+        "spool_dir": SPOOL_ROOT / f"{namespace}-{uuid.uuid4().hex[:6]}",
     }
     values.update(overrides)
     return Settings(**values)

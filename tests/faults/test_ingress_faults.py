@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -56,51 +58,134 @@ async def proxied_client(
         yield client
 
 
-async def test_broker_gone_is_503_with_retry_after_then_recovers(
-    proxied_client: TestClient[Any, Any], broker_proxy: TcpProxy
+async def queued_ids(amqp: AbstractRobustConnection, queue_name: str) -> list[str]:
+    """The message ids now in a queue (taken, so the queue is left empty)."""
+    ids = []
+    async with amqp.channel() as channel:
+        queue = await channel.get_queue(queue_name)
+        while (message := await queue.get(fail=False, no_ack=True)) is not None:
+            ids.append(message.message_id or "")
+    return ids
+
+
+async def wait_queued(amqp: AbstractRobustConnection, queue_name: str, count: int) -> list[str]:
+    found: list[str] = []
+
+    async def arrived() -> bool:
+        found.extend(await queued_ids(amqp, queue_name))
+        return len(set(found)) >= count
+
+    await wait_for(arrived, seconds=30, what=f"{count} webhooks in {queue_name}")
+    return found
+
+
+def webhook(n: int) -> bytes:
+    return codec.dumps({"id": str(n), "caller": "79990009911"})
+
+
+async def test_broker_gone_is_spooled_fast_then_drained(
+    proxied_client: TestClient[Any, Any],
+    broker_proxy: TcpProxy,
+    amqp: AbstractRobustConnection,
+    namespace: str,
 ) -> None:
     assert (await proxied_client.post("/roistat/tok-acme/call-start", data=CALL)).status == 200
     await broker_proxy.cut()
 
-    response = await proxied_client.post("/roistat/tok-acme/call-start", data=CALL)
-    assert response.status == 503
-    assert response.headers["Retry-After"] == "5"
-    assert (await proxied_client.get("/readyz")).status == 503
+    started = time.monotonic()
+    for n in range(10):
+        response = await proxied_client.post("/roistat/tok-acme/call-start", data=webhook(n))
+        assert response.status == 200
+        assert (await response.json())["spooled"] is True
+    assert time.monotonic() - started < 5  # well under a client's timeout, each
+    ready = await proxied_client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["spooling"] is True
+    metrics = await (await proxied_client.get("/metrics")).text()
+    assert "callpipe_ingress_spool_messages 10.0" in metrics
 
     await broker_proxy.restore()
+    ids = await wait_queued(amqp, Topology(namespace).call_queue("start"), 11)
+    assert set(ids) == {"acme:42:start"} | {f"acme:{n}:start" for n in range(10)}
 
-    async def accepted_again() -> bool:
-        response = await proxied_client.post("/roistat/tok-acme/call-start", data=CALL)
-        return response.status == 200
+    async def spool_empty() -> bool:
+        text = await (await proxied_client.get("/metrics")).text()
+        return "callpipe_ingress_spool_messages 0.0" in text
 
-    await wait_for(accepted_again, seconds=20, what="the ingress to publish again")
-    assert (await proxied_client.get("/readyz")).status == 200
+    await wait_for(spool_empty, what="the spool metric back to 0")
 
 
-async def test_confirm_that_never_comes_is_503_not_a_hang(
-    proxied_client: TestClient[Any, Any], broker_proxy: TcpProxy
+async def test_a_confirm_that_never_comes_is_spooled_not_a_hang(
+    proxied_client: TestClient[Any, Any],
+    broker_proxy: TcpProxy,
+    amqp: AbstractRobustConnection,
+    namespace: str,
 ) -> None:
     broker_proxy.freeze()
+    started = time.monotonic()
     response = await asyncio.wait_for(
         proxied_client.post("/roistat/tok-acme/call-start", data=CALL), timeout=10
     )
-    assert response.status == 503
+    assert response.status == 200 and (await response.json())["spooled"] is True
+    assert time.monotonic() - started < 2  # the confirm deadline (0.5 s), not the 5 s timeout
     broker_proxy.thaw()
+    # The held publish may arrive as well as the spooled copy: both carry the same id.
+    assert set(await wait_queued(amqp, Topology(namespace).call_queue("start"), 1)) == {
+        "acme:42:start"
+    }
 
 
-async def test_ingress_starts_without_a_broker_and_is_not_ready(
-    services: Services, namespace: str, broker_proxy: TcpProxy
+async def test_ingress_starts_without_a_broker_and_takes_webhooks(
+    services: Services, namespace: str, broker_proxy: TcpProxy, amqp: AbstractRobustConnection
 ) -> None:
     await broker_proxy.cut()
     settings = make_settings(services, namespace, amqp_url=proxied_url(services, broker_proxy))
     app = init_app(settings)
     async with TestClient(TestServer(app)) as client:
         assert (await client.get("/healthz")).status == 200
-        assert (await client.get("/readyz")).status == 503
-        assert (await client.post("/roistat/tok-acme/call-start", data=CALL)).status == 503
+        assert (await client.get("/readyz")).status == 200  # the spool has room
+        assert (await client.post("/roistat/tok-acme/call-start", data=CALL)).status == 200
         await broker_proxy.restore()
         await asyncio.wait_for(app[BROKER].wait_ready(), timeout=20)
-        assert (await client.post("/roistat/tok-acme/call-start", data=CALL)).status == 200
+        assert await wait_queued(amqp, Topology(namespace).call_queue("start"), 1) == [
+            "acme:42:start"
+        ]
+
+
+async def test_a_full_spool_is_503_with_retry_after(
+    services: Services, namespace: str, broker_proxy: TcpProxy
+) -> None:
+    await broker_proxy.cut()
+    settings = make_settings(
+        services,
+        namespace,
+        amqp_url=proxied_url(services, broker_proxy),
+        spool_max_bytes=1024 * 1024,
+        max_body_bytes=65536,
+    )
+    app = init_app(settings)
+    big = codec.dumps({"id": "1", "pad": "x" * 60000})
+    async with TestClient(TestServer(app)) as client:
+        statuses = [
+            (await client.post("/roistat/tok-acme/call-start", data=big)).status for _ in range(20)
+        ]
+        assert statuses[:15] == [200] * 15
+        assert statuses[-1] == 503
+        refused = await client.post("/roistat/tok-acme/call-start", data=big)
+        assert refused.headers["Retry-After"] == "5"
+        assert (await client.get("/readyz")).status == 503
+
+
+async def test_a_spool_that_cannot_write_is_503(
+    services: Services, namespace: str, broker_proxy: TcpProxy
+) -> None:
+    await broker_proxy.cut()
+    settings = make_settings(services, namespace, amqp_url=proxied_url(services, broker_proxy))
+    app = init_app(settings)
+    async with TestClient(TestServer(app)) as client:
+        shutil.rmtree(settings.spool_path)  # the volume went away under the running ingress
+        response = await client.post("/roistat/tok-acme/call-start", data=CALL)
+        assert response.status == 503
+        assert "error" in await response.json()
 
 
 async def test_sigterm_finishes_in_flight_webhooks_then_exits_0(
@@ -115,6 +200,9 @@ async def test_sigterm_finishes_in_flight_webhooks_then_exits_0(
         "CALLPIPE_HTTP_HOST": "127.0.0.1",
         "CALLPIPE_HTTP_PORT": str(settings.http_port),
         "CALLPIPE_PUBLISH_TIMEOUT_S": "20",
+        # Wait for the confirms rather than spool: the test holds them in flight on purpose.
+        "CALLPIPE_CONFIRM_DEADLINE_S": "20",
+        "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -189,12 +277,12 @@ async def test_ingress_keeps_retrying_a_topology_that_fails_to_declare(
                 return "broker link not set up" in caplog.text
 
             await wait_for(failed_once, what="a failed set-up of the broker link")
-            assert (await client.get("/readyz")).status == 503
-            assert (await client.post("/roistat/tok-acme/call-start", data=CALL)).status == 503
+            response = await client.post("/roistat/tok-acme/call-start", data=CALL)
+            assert response.status == 200 and (await response.json())["spooled"] is True
             async with amqp.channel() as channel:
                 await channel.queue_delete(topology.call_queue("start"))
             await asyncio.wait_for(app[BROKER].wait_ready(), timeout=20)
-            assert (await client.post("/roistat/tok-acme/call-start", data=CALL)).status == 200
+            assert await wait_queued(amqp, topology.call_queue("start"), 1) == ["acme:42:start"]
     finally:
         async with amqp.channel() as channel:
             await delete_topology(channel, topology)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from typing import Any
 
@@ -171,24 +172,40 @@ async def test_rejected_body_gets_a_json_error_and_is_kept_in_rejected(
     assert await drain(amqp, settings.topology.call_queue("end")) == []
 
 
-async def test_unroutable_webhook_is_503_never_200(
+async def test_unroutable_webhook_is_spooled_and_arrives_once_its_queue_is_back(
     client: Client, settings: Settings, amqp: AbstractRobustConnection
 ) -> None:
     async with amqp.channel() as channel:
         await channel.queue_delete(settings.topology.call_queue("start"))
     response = await client.post("/roistat/tok-acme/call-start", data=codec.dumps(CALL))
-    assert response.status == 503
-    assert response.headers["Retry-After"] == "5"
-    assert "retry" in (await response.json())["error"]
-    # The path that still routes keeps working on the same channel.
-    response = await client.post("/roistat/tok-acme/call-end", data=codec.dumps(CALL))
     assert response.status == 200
+    assert await response.json() == {
+        "accepted": True,
+        "event_id": "acme:100500:start",
+        "spooled": True,
+    }
+    # While the spool holds anything, later webhooks queue up behind it: order is kept.
+    response = await client.post("/roistat/tok-acme/call-end", data=codec.dumps(CALL))
+    assert (await response.json())["spooled"] is True
+
+    found: list[AbstractIncomingMessage] = []
+
+    async def both_arrived() -> bool:
+        # The drainer declares the topology again, so the deleted queue comes back.
+        for kind in ("start", "end"):
+            with contextlib.suppress(aio_pika.exceptions.ChannelNotFoundEntity):
+                found.extend(await drain(amqp, settings.topology.call_queue(kind)))
+        return len(found) == 2
+
+    await wait_for(both_arrived, seconds=20, what="both webhooks drained from the spool")
+    assert sorted(m.message_id or "" for m in found) == ["acme:100500:end", "acme:100500:start"]
+    assert all(m.body == codec.dumps(CALL) for m in found)
 
 
-async def test_nacked_publish_is_503_and_every_200_is_queued(
+async def test_a_nacked_publish_is_spooled_and_every_200_arrives(
     client: Client, settings: Settings, amqp: AbstractRobustConnection
 ) -> None:
-    """A full queue (x-overflow=reject-publish) nacks: only stored webhooks may get a 200."""
+    """A full queue (x-overflow=reject-publish) nacks: the spool holds what it refused."""
     topology: Topology = settings.topology
     async with amqp.channel() as channel:
         await channel.queue_delete(topology.call_queue("start"))
@@ -198,13 +215,21 @@ async def test_nacked_publish_is_503_and_every_200_is_queued(
             arguments={"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "reject-publish"},
         )
         await full.bind(topology.webhooks_exchange, "*.call.start")
-    statuses = []
+    answers = []
     for n in range(4):
         body = codec.dumps({**CALL, "id": str(n)})
-        statuses.append((await client.post("/roistat/tok-acme/call-start", data=body)).status)
-    assert 503 in statuses
-    queued = await drain(amqp, topology.call_queue("start"))
-    assert len(queued) == statuses.count(200)
+        response = await client.post("/roistat/tok-acme/call-start", data=body)
+        answers.append((response.status, (await response.json()).get("spooled", False)))
+    assert [status for status, _ in answers] == [200] * 4
+    assert any(spooled for _, spooled in answers)
+    received: list[str] = []
+
+    async def all_received() -> bool:  # taking one makes room for the next
+        received.extend(m.message_id or "" for m in await drain(amqp, topology.call_queue("start")))
+        return len(received) >= 4
+
+    await wait_for(all_received, seconds=30, what="every accepted webhook in the queue")
+    assert sorted(set(received)) == [f"acme:{n}:start" for n in range(4)]
 
 
 async def test_health_ready_and_metrics(client: Client) -> None:

@@ -62,6 +62,7 @@ async def inbox(
         "CALLPIPE_TOKENS": "acme:tok-acme",
         "CALLPIPE_HTTP_HOST": "127.0.0.1",
         "CALLPIPE_HTTP_PORT": str(free_port()),
+        "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
     }
     try:
         yield fake, env
