@@ -140,6 +140,7 @@ class Spool:
                 self.directory,
                 len(self._times),
             )
+            self.appended.set()  # wake the drainer for them
 
     def _recover(self, number: int) -> int:
         path = self._path(number)

@@ -286,3 +286,62 @@ async def test_ingress_keeps_retrying_a_topology_that_fails_to_declare(
     finally:
         async with amqp.channel() as channel:
             await delete_topology(channel, topology)
+
+
+async def test_a_killed_ingress_sends_its_spool_after_a_restart(
+    services: Services, namespace: str, broker_proxy: TcpProxy, amqp: AbstractRobustConnection
+) -> None:
+    settings = make_settings(services, namespace, amqp_url=proxied_url(services, broker_proxy))
+    env = {
+        **os.environ,
+        "CALLPIPE_AMQP_URL": settings.amqp_url,
+        "CALLPIPE_NAMESPACE": namespace,
+        "CALLPIPE_TOKENS": "acme:tok-acme",
+        "CALLPIPE_HTTP_HOST": "127.0.0.1",
+        "CALLPIPE_HTTP_PORT": str(settings.http_port),
+        "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
+    }
+    base = f"http://127.0.0.1:{settings.http_port}"
+
+    async def start() -> asyncio.subprocess.Process:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "callpipe",
+            "ingress",
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+
+        async def ready() -> bool:
+            try:
+                async with session.get(f"{base}/readyz") as response:
+                    return response.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await wait_for(ready, seconds=20, what="the ingress to be ready")
+        return process
+
+    await broker_proxy.cut()
+    async with aiohttp.ClientSession() as session:
+        process = await start()
+        try:
+            for n in range(20):
+                async with session.post(
+                    f"{base}/roistat/tok-acme/call-start", data=webhook(n)
+                ) as response:
+                    assert response.status == 200
+                    assert (await response.json())["spooled"] is True
+        finally:
+            process.kill()  # SIGKILL: no cleanup, the spool is all there is
+            await process.wait()
+        await broker_proxy.restore()
+        process = await start()
+        try:
+            ids = await wait_queued(amqp, Topology(namespace).call_queue("start"), 20)
+        finally:
+            process.terminate()
+            await process.wait()
+    assert set(ids) == {f"acme:{n}:start" for n in range(20)}

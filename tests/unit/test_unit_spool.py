@@ -67,6 +67,7 @@ async def test_a_reopened_spool_has_what_was_not_confirmed(tmp_path: Path) -> No
     spool.close()  # a crash here: nothing more is written
     again = opened(tmp_path)
     assert again.messages == 6
+    assert again.appended.is_set()  # the drainer wakes for them without a new webhook
     assert [m.message_id for m in await drain_all(again)] == [
         f"acme:{n}:start" for n in range(4, 10)
     ]
