@@ -23,6 +23,7 @@ from workers.errors import (
     decide,
 )
 from workers.events import routing_key_of
+from workers.failpoints import failpoint
 from workers.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class CallConsumer:
             if action is Action.DEAD_LETTER and error is not None:
                 action = await self._dead_letter(message, error)
             if action is Action.ACK:
+                failpoint("consumer.before_ack", message.message_id or "")
                 await _settle(message.ack())
                 return
             log.warning(

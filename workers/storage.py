@@ -13,6 +13,7 @@ from schemas import codec
 from schemas.events import CallEvent, CallFields
 from workers.delivery import ReceivedWebhook
 from workers.errors import PermanentError, TransientError
+from workers.failpoints import failpoint
 
 # Columns merged per the rule: a non-empty value from the call end wins over the call
 # start; otherwise the first non-empty value stays. Order independent by construction.
@@ -247,7 +248,9 @@ class PostgresCallStore:
                 event = render(merged).to_json_dict()
                 # The claimed row is this transaction's until commit: nobody else publishes it.
                 await send(event)
+                failpoint("store.after_confirm", webhook.event_id)
                 await conn.execute(SET_EVENT_PUBLISHED, webhook.event_id, event)
+                failpoint("store.before_commit", webhook.event_id)
                 return Recorded(stored=True, published=True)
         published = await self._publish_pending(webhook.event_id, send)
         return Recorded(stored=False, published=published)
