@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -36,8 +37,27 @@ WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'sending'
 
 MARK_SENT = """
 UPDATE telegram_alerts
-SET state = 'sent', chat_id = $4, message_id = $5, alert_text = $6, sent_at = clock_timestamp()
+SET state = 'sent', chat_id = $4, message_id = $5, alert_text = $6, sent_at = clock_timestamp(),
+    followed_up_by = $7, followed_up_at = CASE WHEN $7::text IS NULL THEN NULL
+                                               ELSE clock_timestamp() END
 WHERE sink = $1 AND project = $2 AND call_id = $3
+"""
+
+# The caller got through before the alert went out (events arrive in any order): the
+# stored call rows know, whatever order their events come in.
+ANSWERED_CALLBACK = """
+SELECT call_id, called_at, duration_s FROM calls
+WHERE project = $1 AND caller = $2 AND outcome = 'answered'
+  AND called_at > $3 AND called_at <= $3 + $4::interval
+ORDER BY called_at
+LIMIT 1
+"""
+
+# An alert of this caller in the window is being sent right now: its follow-up must wait.
+SENDING_IN_WINDOW = """
+SELECT count(*) FROM telegram_alerts
+WHERE sink = $1 AND project = $2 AND caller = $3 AND state = 'sending'
+  AND called_at < $4 AND called_at >= $4 - $5::interval
 """
 
 # Alerts of the same caller in the window before the answered call, not yet followed up by
@@ -88,11 +108,48 @@ class AlertStore:
             state = await conn.fetchval(STATE, *args)
         return Claim.BUSY if state == "sending" else Claim.SETTLED
 
-    async def mark_sent(self, key: AlertKey, chat_id: str, message_id: int, text: str) -> None:
+    async def mark_sent(
+        self,
+        key: AlertKey,
+        chat_id: str,
+        message_id: int,
+        text: str,
+        followed_up_by: str | None = None,
+    ) -> None:
         async with self._pool.acquire() as conn:
             await conn.execute(
-                MARK_SENT, key.sink, key.project, key.call_id, chat_id, message_id, text
+                MARK_SENT,
+                key.sink,
+                key.project,
+                key.call_id,
+                chat_id,
+                message_id,
+                text,
+                followed_up_by,
             )
+
+    async def answered_callback(
+        self, project: str, caller: str, missed_at: datetime, window: timedelta
+    ) -> dict[str, Any] | None:
+        """The caller's first answered call within `window` after the missed one, if stored."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(ANSWERED_CALLBACK, project, caller, missed_at, window)
+        if row is None:
+            return None
+        return {
+            "call_id": row["call_id"],
+            "called_at": row["called_at"].isoformat(),
+            "duration_s": row["duration_s"],
+        }
+
+    async def alert_being_sent(
+        self, sink: str, project: str, caller: str, answered_at: datetime, window: timedelta
+    ) -> bool:
+        async with self._pool.acquire() as conn:
+            count = await conn.fetchval(
+                SENDING_IN_WINDOW, sink, project, caller, answered_at, window
+            )
+        return bool(count)
 
     async def release(self, key: AlertKey) -> None:
         """Telegram surely did not get it: a later delivery may claim it again."""

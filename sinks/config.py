@@ -25,7 +25,7 @@ class SinkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    projects: tuple[str, ...] | None = None  # None: every project
+    projects: tuple[str, ...] | None = Field(default=None, min_length=1)  # None: every project
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=1000)
     retry_delays_s: tuple[float, ...] = DEFAULT_DELAYS_S
     timeout_s: float = Field(default=10.0, gt=0, le=300)

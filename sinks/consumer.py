@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
@@ -63,6 +64,7 @@ class SinkConsumer:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._resume_at = 0.0
         self._stopping = asyncio.Event()
+        self._shielded: set[asyncio.Future[DeliveryResult]] = set()
 
     async def run(self, stop: asyncio.Event, shutdown_timeout_s: float) -> None:
         """Consume until `stop`, then let in-flight deliveries finish."""
@@ -75,8 +77,9 @@ class SinkConsumer:
                 await self._queue.cancel(tag)
         except Exception as exc:  # the broker is gone: unacked deliveries return anyway
             log.warning("sink %s could not cancel its consumer: %r", self._config.name, exc)
-        if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=shutdown_timeout_s)
+        pending: set[asyncio.Future[Any]] = {*self._in_flight, *self._shielded}
+        if pending:
+            await asyncio.wait(pending, timeout=shutdown_timeout_s)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -90,7 +93,17 @@ class SinkConsumer:
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         attempt = attempt_of(message)
         event = decode_event(message)
-        result = event if isinstance(event, GiveUp) else await self._deliver(event)
+        if isinstance(event, GiveUp):
+            result: DeliveryResult = event
+        else:
+            if not await self._paused():
+                return  # stopping: unsettled, the broker hands it out again later
+            # A dropped channel cancels this task; the delivery itself must not be cut off
+            # between "sent" and "noted as sent". Its redelivery then finds it done.
+            delivering = asyncio.ensure_future(self._deliver(event))
+            self._shielded.add(delivering)
+            delivering.add_done_callback(self._shielded.discard)
+            result = await asyncio.shield(delivering)
         action = next_action(result, attempt, self._config.schedule)
         while True:
             try:
@@ -109,7 +122,6 @@ class SinkConsumer:
     async def _deliver(self, event: Event) -> DeliveryResult:
         if not self._config.wants(event.project):
             return Done()
-        await self._paused()
         try:
             result = await self._sink.deliver(event)
         except Exception as exc:
@@ -122,11 +134,13 @@ class SinkConsumer:
             )
         return result
 
-    async def _paused(self) -> None:
+    async def _paused(self) -> bool:
+        """Wait out a destination's "slow down"; False if the sink stops meanwhile."""
         wait = self._resume_at - time.monotonic()
         if wait > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=wait)
+        return not self._stopping.is_set()
 
     async def _settle(self, message: AbstractIncomingMessage, action: SinkAction) -> None:
         if isinstance(action, Delay):

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from callpipe.broker import ConfirmedPublisher, connect, declare_topology
+from callpipe.broker import ConfirmedPublisher, connect, declare_topology, work_queue_arguments
 from callpipe.retry import StoppedError
 from callpipe.settings import Settings
 from schemas import codec
@@ -73,7 +73,13 @@ async def _start(
         await declare_sink(channel, topology, config)
         # The prefetch is the cap on requests in flight to this destination.
         await channel.set_qos(prefetch_count=config.max_in_flight)
-        queue = await channel.get_queue(topology.sink_queue(config.name), ensure=False)
+        # Declared, not just looked up: a robust channel restores only the queues it declared,
+        # and with them their consumers after a reconnect.
+        queue = await channel.declare_queue(
+            topology.sink_queue(config.name),
+            durable=True,
+            arguments=work_queue_arguments(topology),
+        )
         sink = await open_sink(config, shared)
         resources.push_async_callback(close_quietly, sink.close)
         consumers.append(SinkConsumer(config, sink, queue, publisher, topology))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +24,10 @@ from workers.phones import mask_phone
 log = logging.getLogger(__name__)
 
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+BOT_TOKEN = re.compile(r"\d+:[A-Za-z0-9_-]+")
+CHAT_ID = re.compile(r"-?\d+|@[A-Za-z][A-Za-z0-9_]{3,}")
+MAX_ANSWER_BYTES = 1024 * 1024
+MARK_SENT_TRIES = 3
 
 
 class TelegramSinkConfig(SinkConfig):
@@ -37,6 +43,21 @@ class TelegramSinkConfig(SinkConfig):
     @classmethod
     def _chat_id(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) else value
+
+    @field_validator("chat_id")
+    @classmethod
+    def _chat_id_form(cls, value: str) -> str:
+        if not CHAT_ID.fullmatch(value):
+            raise ValueError("must be a chat's number (-100...) or a channel's @username")
+        return value
+
+    @field_validator("bot_token")
+    @classmethod
+    def _token_form(cls, value: SecretStr) -> SecretStr:
+        # It becomes part of the URL's path: nothing else may slip in there.
+        if not BOT_TOKEN.fullmatch(value.get_secret_value()):
+            raise ValueError("must look like 123456:ABC-def (from @BotFather)")
+        return value
 
     @property
     def binding_keys(self) -> tuple[str, ...]:
@@ -70,8 +91,9 @@ def read_answer(status: int, body: bytes) -> ApiAnswer:
     except ValueError:
         document = None
     if not isinstance(document, dict):
-        # Not the Bot API speaking (a proxy, a gateway): a 2xx is a puzzle, anything else failed.
-        sent = None if 200 <= status < 300 else False
+        # Not the Bot API speaking: a gateway's 2xx or 5xx may come after the message was
+        # posted; only a 4xx from in front of the API surely stopped it.
+        sent = False if 400 <= status < 500 else None
         return ApiAnswer(False, sent, error=f"HTTP {status} without a Bot API answer")
     if document.get("ok") is True:
         return ApiAnswer(True, True, result=document.get("result"))
@@ -105,7 +127,8 @@ class BotApi:
                 headers={"content-type": "application/json"},
                 timeout=self._timeout,
             ) as response:
-                return read_answer(response.status, await response.read())
+                body = await response.content.read(MAX_ANSWER_BYTES)
+                return read_answer(response.status, body)
         except aiohttp.ClientConnectorError as exc:
             # Never connected: the request did not leave this machine.
             return ApiAnswer(False, False, error=f"network: cannot connect ({exc.os_error})")
@@ -147,20 +170,27 @@ class TelegramSink:
         if claim is Claim.BUSY:
             return RetryLater("another delivery of this alert is in progress")
         if claim is Claim.CUT_OFF:
-            return GiveUp("an earlier attempt stopped mid-send: the alert may not have arrived")
+            return GiveUp("an earlier attempt stopped mid-send: the alert may have arrived")
         text = missed_call_text(project, call, self._tz)
+        caller, missed_at = call.get("caller"), _time(call.get("called_at"))
+        callback = None
+        if caller and missed_at is not None:
+            callback = await self._store.answered_callback(project, caller, missed_at, self._window)
+        if callback is not None:
+            text = followed_up_text(text, callback, self._tz)
         answer = await self._api.call(
             "sendMessage",
             {"chat_id": self._config.chat_id, "text": text, "disable_web_page_preview": True},
         )
         if answer.ok:
             message_id = int(answer.result["message_id"])
-            await self._store.mark_sent(key, self._config.chat_id, message_id, text)
+            followed_up_by = callback["call_id"] if callback else None
+            await self._note_sent(key, message_id, text, followed_up_by)
             log.info(
                 "telegram %s: alert for missed call %s from %s",
                 self._config.name,
                 key.call_id,
-                mask_phone(call.get("caller")),
+                mask_phone(caller),
             )
             return Done()
         if answer.sent is None:
@@ -171,10 +201,37 @@ class TelegramSink:
             return RetryLater(answer.error, answer.retry_after_s)
         return GiveUp(answer.error)
 
+    async def _note_sent(
+        self, key: AlertKey, message_id: int, text: str, followed_up_by: str | None
+    ) -> None:
+        """The alert is in the chat: note it, trying hard, since a retry would not resend it."""
+        for attempt in range(1, MARK_SENT_TRIES + 1):
+            try:
+                await self._store.mark_sent(
+                    key, self._config.chat_id, message_id, text, followed_up_by
+                )
+                return
+            except DATABASE_ERRORS as exc:
+                if attempt == MARK_SENT_TRIES:
+                    # Sent once, and never again; only its follow-up is lost.
+                    log.error(
+                        "telegram %s: alert for call %s sent (message %d) but not noted: %r",
+                        self._config.name,
+                        key.call_id,
+                        message_id,
+                        exc,
+                    )
+                    return
+                await asyncio.sleep(0.5 * attempt)
+
     async def _follow_up(self, project: str, call: dict[str, Any]) -> DeliveryResult:
         caller, answered_at = call.get("caller"), _time(call.get("called_at"))
         if not caller or answered_at is None:
             return Done()
+        if await self._store.alert_being_sent(
+            self._config.name, project, caller, answered_at, self._window
+        ):
+            return RetryLater("an alert for this caller is being sent: follow it up after")
         alerts = await self._store.claim_follow_ups(
             self._config.name,
             project,

@@ -23,6 +23,7 @@ RETRYABLE_STATUSES = frozenset({408, 425, 429})
 USER_AGENT = "callpipe-webhooks/1"
 SECRET_PREFIX = "whsec_"
 MIN_SECRET_BYTES = 16
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 class WebhookSinkConfig(SinkConfig):
@@ -124,7 +125,8 @@ class WebhookSink:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                await response.read()  # drained, so the connection can be reused
+                # Drained (up to a limit), so the connection can be reused.
+                await response.content.read(MAX_ANSWER_BYTES)
                 status = response.status
                 hint = retry_after_seconds(response.headers.get("Retry-After"), now)
         except TimeoutError:
@@ -132,7 +134,7 @@ class WebhookSink:
         except aiohttp.ClientError as exc:
             return RetryLater(f"{type(exc).__name__}: {exc}")
         result = classify_response(status, hint)
-        log.info(
+        log.debug(
             "webhook %s: event %s -> HTTP %d in %.0f ms",
             self._config.name,
             event.event_id,

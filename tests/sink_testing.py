@@ -109,10 +109,12 @@ class RunningSinks:
         self._runs.clear()
 
     async def remove(self) -> None:
-        await self.stop()
-        async with self._amqp.channel() as channel:
-            for settings, config in self._declared:
-                await delete_sink(channel, settings.topology, config)
+        try:
+            await self.stop()
+        finally:  # even after a crashed run: the shared broker keeps no queue of ours
+            async with self._amqp.channel() as channel:
+                for settings, config in self._declared:
+                    await delete_sink(channel, settings.topology, config)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

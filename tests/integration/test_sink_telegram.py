@@ -266,3 +266,69 @@ async def test_an_alert_that_may_have_arrived_is_never_sent_twice(
         f'SELECT state FROM "{settings.namespace}".telegram_alerts WHERE call_id = $1', "h1"
     )
     assert state == "unknown"
+
+
+async def test_an_alert_sent_after_the_callback_says_so_at_once(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    bot: tuple[FakeBotApi, str],
+    db: asyncpg.Pool,
+) -> None:
+    """The answered call's event came first (or the alert waited out a 429): the stored call
+    row tells the alert that the caller got through, so it never sits open in the chat."""
+    fake, url = bot
+    await db.execute(
+        f'INSERT INTO "{settings.namespace}".calls (project, call_id, caller, called_at, outcome,'
+        " duration_s) VALUES ('acme', 'back', '+79990009911', '2026-11-25T07:10:00Z',"
+        " 'answered', 61)"
+    )
+    await sinks.start(settings, [telegram(url)])
+    await publish_events(amqp, settings, [envelope("early", called_at="2026-11-25T07:00:00Z")])
+
+    async def alerted() -> bool:
+        return len(fake.chat) == 1
+
+    await wait_for(alerted, what="the alert")
+    assert "Reached" in fake.chat[1] and "10:10" in fake.chat[1] and "talked 1:01" in fake.chat[1]
+    followed_up_by = await db.fetchval(
+        f'SELECT followed_up_by FROM "{settings.namespace}".telegram_alerts WHERE call_id = $1',
+        "early",
+    )
+    assert followed_up_by == "back"
+
+
+async def test_a_follow_up_waits_for_an_alert_being_sent(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    bot: tuple[FakeBotApi, str],
+    db: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake, url = bot
+    fake.chat[1] = "📵 Missed call (sent, its answer not yet noted)"
+    table = f'"{settings.namespace}".telegram_alerts'
+    await db.execute(
+        f"INSERT INTO {table} (sink, project, call_id, caller, called_at, state, claimed_at)"
+        " VALUES ('missed', 'acme', 'm9', '+79990009911', '2026-11-25T07:00:00Z', 'sending',"
+        " now())"
+    )
+    await sinks.start(settings, [telegram(url)])
+    answered = envelope("a9", outcome="answered", called_at="2026-11-25T07:05:00Z")
+    await publish_events(amqp, settings, [answered])
+
+    async def waited() -> bool:
+        return "being sent" in caplog.text
+
+    await wait_for(waited, what="the follow-up told to wait")
+    await db.execute(
+        f"UPDATE {table} SET state = 'sent', chat_id = '-100123', message_id = 1,"
+        " alert_text = $1 WHERE call_id = 'm9'",
+        fake.chat[1],
+    )
+
+    async def edited() -> bool:
+        return "Reached" in fake.chat[1]
+
+    await wait_for(edited, what="the follow-up once the alert is noted")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
-from callpipe_testing import wait_for
+from callpipe_testing import TcpProxy, wait_for
+from conftest import Services
 from sink_testing import FakeServer, RunningSinks, envelope, new_secret, publish_events
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -48,9 +51,9 @@ class Receiver:
         self.attempts[event_id] += 1
         steps = self.script.get(event_id, [])
         step = steps.pop(0) if steps else self.default
-        if step == "hang":
+        if step == "hang":  # past the sink's timeout: it has given up before this answer
             await asyncio.sleep(3)
-            step = "200"
+            return web.Response(status=200)
         if step == "200":
             self.delivered[event_id] += 1
         return web.Response(status=int(step))
@@ -123,7 +126,7 @@ async def test_every_event_arrives_signed_through_503s_and_a_timeout(
     assert fake.attempts[events[0]["event_id"]] == 4  # three 503s, then 200
     assert fake.attempts[events[9]["event_id"]] == 4
     # The one that hung past the timeout was sent again: at least once, deduped by webhook-id.
-    assert fake.delivered[events[7]["event_id"]] >= 1
+    assert fake.attempts[events[7]["event_id"]] >= 2
     bodies = {codec.loads(body)["event_id"]: body for _, body, _ in server.requests}
     assert codec.loads(bodies[events[3]["event_id"]]) == events[3]  # the envelope as published
 
@@ -314,3 +317,74 @@ async def test_a_message_that_is_not_an_event_is_dead_lettered(
     assert seen[0].body == b"not json"
     assert plain_headers(seen[0].headers)["x-callpipe-error"] == "not JSON: not an event"
     assert not fake.attempts
+
+
+async def test_a_sink_consumes_again_after_the_broker_link_drops(
+    services: Services,
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    fake, _, url = receiver
+    target = urlsplit(services.amqp_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    try:
+        netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
+        proxied = settings.model_copy(update={"amqp_url": target._replace(netloc=netloc).geturl()})
+        await sinks.start(proxied, [webhook_config(url, fake.secret)])
+        await publish_events(amqp, settings, [envelope("before")])
+
+        async def first() -> bool:
+            return "acme:before:end" in fake.delivered
+
+        await wait_for(first, what="the event before the drop")
+        await proxy.cut()
+        await proxy.restore()
+        await publish_events(amqp, settings, [envelope("after")])
+
+        async def second() -> bool:
+            return "acme:after:end" in fake.delivered
+
+        await wait_for(second, seconds=30, what="the event after the link came back")
+    finally:
+        await sinks.stop()
+        await proxy.cut()
+
+
+async def test_retry_after_is_kept_by_the_delay_queue_across_a_restart(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    fake, server, url = receiver
+    fake.script["acme:ra:end"] = ["429"]
+    seen: list[float] = []
+    answer_429 = fake.handle
+
+    async def stamped(request: web.Request) -> web.StreamResponse:
+        seen.append(time.monotonic())
+        response = await answer_429(request)
+        if response.status == 429:
+            response.headers["Retry-After"] = "2"
+        return response
+
+    server.handler = stamped
+    config = webhook_config(url, fake.secret, retry_delays_s=[0.2, 2.5])
+    await sinks.start(settings, [config])
+    await publish_events(amqp, settings, [envelope("ra")])
+
+    async def refused_once() -> bool:
+        return len(seen) == 1
+
+    await wait_for(refused_once, what="the 429")
+    await sinks.stop()  # the in-process pause is gone: only the delay queue remembers
+    await sinks.start(settings, [config])
+
+    async def delivered() -> bool:
+        return "acme:ra:end" in fake.delivered
+
+    await wait_for(delivered, what="the delivery after the wait")
+    assert seen[1] - seen[0] >= 2.0  # the 2.5 s step, the shortest that honours 2 s

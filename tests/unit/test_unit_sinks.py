@@ -164,6 +164,10 @@ def test_no_file_no_sinks() -> None:
             "'crm' is used twice",
         ),
         ("not toml = = =", "not valid TOML"),
+        ("[[webhook]]\nname='crm'\nurl='http://x'\nsecret='{s}'\nprojects=[]", "projects"),
+        ("[[telegram]]\nname='t'\nbot_token='1:A/../x'\nchat_id=1", "bot_token: Value error"),
+        ("[[telegram]]\nname='t'\nbot_token=''\nchat_id=1", "BotFather"),
+        ("[[telegram]]\nname='t'\nbot_token='1:A'\nchat_id=''", "chat_id"),
     ],
 )
 def test_sinks_file_errors_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
@@ -172,7 +176,7 @@ def test_sinks_file_errors_say_what_is_wrong(tmp_path: Path, text: str, message:
         load_sinks(path)
     assert message in str(caught.value)
     assert str(path) in str(caught.value)
-    assert "nope!" not in str(caught.value)
+    assert "nope!" not in str(caught.value) and "A/../x" not in str(caught.value)
 
 
 def test_missing_sinks_file(tmp_path: Path) -> None:
@@ -211,7 +215,7 @@ def test_bad_binding_keys(key: str) -> None:
             None,
             False,
         ),
-        (502, b"<html>Bad Gateway</html>", False, False, None, True),
+        (502, b"<html>Bad Gateway</html>", False, None, None, True),
         (200, b"<html>captive portal</html>", False, None, None, False),
     ],
 )
