@@ -680,8 +680,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="callpipe's (default INFO: a line per delivery, as in production; p50/p99 of "
-        "callpipe come from those lines)",
+        help="callpipe's (default INFO, as in production; DEBUG adds a line per delivery, "
+        "from which callpipe's p50/p99 are read)",
     )
     parser.add_argument(
         "--rounds", type=int, default=1, help="interleaved repetitions; medians printed (1)"
