@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -14,6 +15,8 @@ from ingress.handlers import WebhookHandler, json_error
 from ingress.metrics import IngressMetrics
 from ingress.relay import WebhookRelay
 from ingress.spool import Spool
+
+log = logging.getLogger(__name__)
 
 BROKER = web.AppKey("broker", BrokerLink)
 METRICS = web.AppKey("metrics", IngressMetrics)
@@ -32,6 +35,10 @@ async def count_and_explain(request: web.Request, handler: Handler) -> web.Strea
         response = await handler(request)
     except web.HTTPException as exc:
         response = json_error(exc.status, exc.reason.lower())
+    except Exception:
+        # A bug: counted like any answer (alert on status="500"), logged once, never a hang.
+        log.exception("unexpected error on %s %s", request.method, route)
+        response = json_error(500, "internal error")
     request.app[METRICS].requests.labels(route, str(response.status)).inc()
     return response
 

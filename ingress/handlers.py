@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = "5"
 
 # Bodies that are not JSON at all are 400; JSON of the wrong shape is 422.
-STATUS_BY_REASON = {"not_json": 400, "not_utf8": 400, "too_deep": 400}
+STATUS_BY_REASON = {"not_json": 400, "not_utf8": 400, "too_deep": 400, "bad_encoding": 400}
 
 
 class BodyTooLargeError(Exception):
@@ -100,11 +100,24 @@ class WebhookHandler:
                 request.remote,
             )
             return json_error(413, f"body is larger than the limit of {self._max_body_bytes} bytes")
-        headers = {
-            HEADER_PROJECT: project,
-            HEADER_RECEIVED_AT: datetime.now(UTC).isoformat(),
-            HEADER_REMOTE_ADDR: request.remote or "",
-        }
+        except web.RequestPayloadError:
+            # aiohttp decompresses on the fly: a broken gzip or deflate stream is lost with its
+            # bytes, but the attempt is kept (and counted) as a rejected body.
+            encoding = request.headers.get("Content-Encoding", "")
+            # Nothing more can be read from this connection: close it after the answer, and
+            # don't let the server drain the broken stream again (it would log a traceback).
+            request.content.feed_eof()
+            response = await self._reject(
+                b"",
+                self._headers(request, project),
+                kind,
+                InvalidWebhookError(
+                    "bad_encoding", f"the body is not valid {encoding or 'compressed'} data"
+                ),
+            )
+            response.force_close()
+            return response
+        headers = self._headers(request, project)
         try:
             document = read_webhook(body)
         except InvalidWebhookError as exc:
@@ -122,6 +135,14 @@ class WebhookHandler:
         if spooled:
             return web.json_response({"accepted": True, "event_id": accepted_id, "spooled": True})
         return web.json_response({"accepted": True, "event_id": accepted_id})
+
+    @staticmethod
+    def _headers(request: web.Request, project: str) -> dict[str, str]:
+        return {
+            HEADER_PROJECT: project,
+            HEADER_RECEIVED_AT: datetime.now(UTC).isoformat(),
+            HEADER_REMOTE_ADDR: request.remote or "",
+        }
 
     async def _reject(
         self, body: bytes, headers: dict[str, str], kind: Kind | None, exc: InvalidWebhookError

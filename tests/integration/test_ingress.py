@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import random
 from typing import Any
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from callpipe_testing import wait_for
 
 from callpipe.broker import plain_headers
 from callpipe.settings import Settings
+from ingress.app import init_app
 from schemas import codec
 from schemas.topology import Topology
 
@@ -317,3 +320,45 @@ async def test_damaged_bodies_never_500_and_every_answer_matches_a_queue(
     # Accepted bodies are the same bytes as sent, and a duplicate id is still accepted.
     sent_ok = sorted(body for body, status in zip(bodies, statuses, strict=True) if status == 200)
     assert sorted(message.body for message in accepted) == sent_ok
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_broken_compressed_body_is_a_clear_400_not_a_500(
+    client: Client,
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    encoding: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    response = await client.post(
+        "/roistat/tok-acme/call-start",
+        data=b"\x00\x01 this is not compressed",
+        headers={"Content-Encoding": encoding},
+    )
+    assert response.status == 400
+    assert await response.json() == {"error": f"the body is not valid {encoding} data"}
+    assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
+    (kept,) = await drain(amqp, settings.topology.rejected_queue)
+    assert plain_headers(kept.headers)["x-callpipe-reject-reason"] == "bad_encoding"
+    text = await (await client.get("/metrics")).text()
+    assert 'callpipe_ingress_rejected_total{reason="bad_encoding"} 1.0' in text
+    body = gzip.compress(codec.dumps(CALL))  # a good one still works
+    response = await client.post(
+        "/roistat/tok-acme/call-start", data=body, headers={"Content-Encoding": "gzip"}
+    )
+    assert response.status == 200
+
+
+async def test_an_unexpected_error_is_a_counted_json_500(settings: Settings) -> None:
+    app = init_app(settings)
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app.router.add_post("/broken", broken)  # stands for any handler with a bug
+    async with TestClient(TestServer(app)) as test_client:
+        response = await test_client.post("/broken")
+        assert response.status == 500
+        assert await response.json() == {"error": "internal error"}
+        text = await (await test_client.get("/metrics")).text()
+        assert 'callpipe_ingress_requests_total{route="/broken",status="500"} 1.0' in text
