@@ -15,7 +15,7 @@ from callpipe.logs import setup_logging
 from callpipe.replay import replay_dead
 from callpipe.runner import Component, run, run_until_signalled, serve_ingress
 from callpipe.sample import send_sample
-from callpipe.settings import Settings
+from callpipe.settings import Settings, configuration_errors
 from callpipe.sink_commands import (
     SinkCommandError,
     add_sinks_command,
@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"callpipe: bad configuration:\n{exc}", file=sys.stderr)
+        # Each line names the variable to fix; values are left out (URLs and tokens are secrets).
+        lines = (f"  {line}" for line in configuration_errors(exc))
+        print("callpipe: bad configuration:", *lines, sep="\n", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
     try:

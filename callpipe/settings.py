@@ -6,7 +6,7 @@ from functools import cached_property
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from callpipe.logs import LEVELS
@@ -112,3 +112,20 @@ def parse_tokens(spec: str) -> dict[str, str]:
             raise ValueError(f"a token is given twice (projects {projects[token]!r}, {project!r})")
         projects[token] = project
     return projects
+
+
+def configuration_errors(error: ValidationError) -> list[str]:
+    """One line per invalid setting, naming its environment variable, never its value."""
+    lines = []
+    for item in error.errors(include_url=False, include_input=False, include_context=False):
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{env_variable(str(item['loc'][0]))}: {message}" if item["loc"] else message)
+    return lines
+
+
+def env_variable(field: str) -> str:
+    """The environment variable a setting is read from: `tokens` → `CALLPIPE_TOKENS`."""
+    info = Settings.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, str):
+        return info.validation_alias.upper()
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
