@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
@@ -93,6 +94,7 @@ class ConfirmedPublisher:
         self._channel = channel
         self._timeout_s = timeout_s
         self._exchanges: dict[str, AbstractExchange] = {}
+        self._publishing: dict[str, asyncio.Future[None]] = {}
 
     @classmethod
     async def open(
@@ -122,13 +124,28 @@ class ConfirmedPublisher:
         )
         try:
             # The deadline covers waiting for a reconnecting channel too, not just the confirm.
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self._timeout_s), self._one_at_a_time(message_id):
                 target = await self._exchange(exchange)
                 await target.publish(message, routing_key, mandatory=mandatory)
         except TimeoutError as exc:
             raise PublishFailedError(f"no confirm within {self._timeout_s:g}s") from exc
         except Exception as exc:
             raise PublishFailedError(f"{type(exc).__name__}: {exc}") from exc
+
+    @asynccontextmanager
+    async def _one_at_a_time(self, message_id: str) -> AsyncIterator[None]:
+        """One publish per message id in flight: aiormq matches a returned message to its
+        publish by message id, so with two in flight a return could fail the wrong one and
+        the returned one be confirmed. Same ids are rare (a resent webhook): no cost."""
+        while (earlier := self._publishing.get(message_id)) is not None:
+            await asyncio.wait({earlier})
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._publishing[message_id] = done
+        try:
+            yield
+        finally:
+            del self._publishing[message_id]
+            done.set_result(None)
 
     @property
     def is_open(self) -> bool:
