@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, ValidationError, field_validator
@@ -47,6 +48,25 @@ class Settings(BaseSettings):
         if value.upper() not in LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LEVELS)}")
         return value.upper()
+
+    # A malformed URL would be retried forever as if the service were down: refuse it at start.
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        check_service_url(value, ("amqp", "amqps"), "amqp://user:password@host:5672/vhost")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        # No host is valid for PostgreSQL: the local socket (or PGHOST, or ?host=/run/postgresql).
+        check_service_url(
+            value,
+            ("postgresql", "postgres"),
+            "postgresql://user:password@host:5432/dbname",
+            host_required=False,
+        )
+        return value
 
     @field_validator("namespace")
     @classmethod
@@ -112,6 +132,42 @@ def parse_tokens(spec: str) -> dict[str, str]:
             raise ValueError(f"a token is given twice (projects {projects[token]!r}, {project!r})")
         projects[token] = project
     return projects
+
+
+def check_service_url(
+    url: str, schemes: tuple[str, ...], example: str, *, host_required: bool = True
+) -> None:
+    """ValueError saying what is wrong with a broker or database URL, never quoting it (it
+    holds a password). Only the form is checked: a host that does not answer is waited for."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in schemes:
+        starts = " or ".join(f"{name}://" for name in schemes)
+        raise ValueError(f"not a URL such as {example} (it must start with {starts})")
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:  # an unclosed [ of an IPv6 address
+        raise ValueError(f"is not a valid URL such as {example}") from None
+    hosts = netloc.rpartition("@")[2].split(",")
+    if host_required and len(hosts) > 1:
+        raise ValueError("names several hosts: give one")
+    if host_required and not _host_and_port(hosts[0])[0]:
+        raise ValueError(f"has no host: expected a URL such as {example}")
+    for host in hosts:
+        port = _host_and_port(host)[1]
+        if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(
+                "has a port that is not a number from 1 to 65535"
+                " (in a password, write / ? # @ : as %2F %3F %23 %40 %3A)"
+            )
+
+
+def _host_and_port(hostspec: str) -> tuple[str, str | None]:
+    """`host`, `host:port`, `[v6]` or `[v6]:port` → (host, port or None)."""
+    if hostspec.startswith("["):
+        address, _, after = hostspec[1:].partition("]")
+        return address, after[1:] if after.startswith(":") else None
+    host, sep, port = hostspec.partition(":")
+    return host, port if sep else None
 
 
 def configuration_errors(error: ValidationError) -> list[str]:
