@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -18,37 +20,97 @@ log = logging.getLogger(__name__)
 Component = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
+# aiohttp's and asyncio's default listen backlog.
+BACKLOG = 128
+
+
+class StartupError(Exception):
+    """A component cannot start at all (its port is taken): one line, no traceback, exit 2."""
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Bind and listen on every address of `host` now, as asyncio's create_server would."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # one socket per family, as asyncio does
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        reason = exc.strerror or str(exc)  # "Address already in use", without "[Errno 98]"
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise StartupError(f"cannot listen on {where}: {reason.lower()}") from exc
+    return sockets
+
+
 async def serve_ingress(settings: Settings, stop: asyncio.Event) -> None:
     """Serve HTTP until `stop`; then stop accepting, let in-flight requests finish, close."""
-    app = init_app(settings)
-    runner = web.AppRunner(
-        app, handle_signals=False, shutdown_timeout=settings.shutdown_timeout_s, access_log=None
-    )
-    await runner.setup()
+    # First, before any await: a port in use fails here, before the broker link (started by the
+    # app) or any other component has started, so nothing is left to stop.
+    sockets = listen(settings.http_host, settings.http_port)
     try:
-        site = web.TCPSite(runner, settings.http_host, settings.http_port)
-        await site.start()
-        log.info("ingress listening on http://%s:%d", settings.http_host, settings.http_port)
-        await stop.wait()
-        log.info("ingress stopping: finishing in-flight requests")
+        app = init_app(settings)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            shutdown_timeout=settings.shutdown_timeout_s,
+            access_log=None,
+        )
+        await runner.setup()
+        try:
+            for sock in sockets:
+                await web.SockSite(runner, sock, backlog=BACKLOG).start()
+            log.info("ingress listening on http://%s:%d", settings.http_host, settings.http_port)
+            await stop.wait()
+            log.info("ingress stopping: finishing in-flight requests")
+        finally:
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
+        for sock in sockets:
+            sock.close()
 
 
 async def run_until_signalled(components: list[Component]) -> int:
-    """0 after a clean stop on a signal; 1 if a component failed (the others are stopped)."""
+    """0 after a clean stop on a signal; 1 if a component failed (the others are stopped);
+    2 if one could not start (the ones after it in the list are not started at all)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    tasks = [asyncio.create_task(component(stop)) for component in components]
+    tasks: list[asyncio.Task[None]] = []
+    for component in components:
+        tasks.append(asyncio.create_task(component(stop)))
+        # Its first step runs now, before the next component is created: the ingress binds its
+        # port there, so a port in use ends the start-up before any connection is opened.
+        await asyncio.sleep(0)
+        if tasks[-1].done():
+            break
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    failed = [result for result in results if isinstance(result, BaseException)]
+    await stopper
+    not_started = [result for result in results if isinstance(result, StartupError)]
+    for reason in not_started:
+        print(f"callpipe: {reason}", file=sys.stderr)
+    failed = [
+        result
+        for result in results
+        if isinstance(result, BaseException) and not isinstance(result, StartupError)
+    ]
     for error in failed:
         log.error("component failed: %r", error, exc_info=error)
+    if not_started:
+        return 2
     return 1 if failed else 0
 
 
