@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,16 @@ SPOOL_ROOT = Path(tempfile.mkdtemp(prefix="callpipe-test-spool-"))
 atexit.register(shutil.rmtree, SPOOL_ROOT, True)
 
 
+def compose_image(name: str) -> str:
+    """The exact image docker-compose.yml runs for `name`: the tests use the same one."""
+    compose = (Path(__file__).parent.parent / "docker-compose.yml").read_text()
+    found = re.findall(rf"^ +image: +({re.escape(name)}:[^\s#]+)", compose, re.MULTILINE)
+    if len(found) != 1:
+        raise LookupError(f"docker-compose.yml: expected one {name} image, found {found}")
+    image: str = found[0]
+    return image
+
+
 @dataclass(frozen=True)
 class Services:
     amqp_url: str
@@ -62,7 +73,10 @@ def services() -> Iterator[Services]:
         from testcontainers.postgres import PostgresContainer
         from testcontainers.rabbitmq import RabbitMqContainer
 
-        with RabbitMqContainer("rabbitmq:4") as rabbit, PostgresContainer("postgres:16") as pg:
+        with (
+            RabbitMqContainer(compose_image("rabbitmq")) as rabbit,
+            PostgresContainer(compose_image("postgres")) as pg,
+        ):
             amqp = f"amqp://guest:guest@{rabbit.get_container_host_ip()}:{rabbit.get_exposed_port(5672)}/"
             db = pg.get_connection_url(driver=None).replace("postgresql+psycopg2", "postgresql")
             yield Services(amqp, db)
