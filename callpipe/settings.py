@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(default=1024**3, ge=1024 * 1024)
     # A webhook whose confirm takes longer than this is spooled and answered 200.
     confirm_deadline_s: float = Field(default=0.5, gt=0, le=30)
+    # A call start with no call end this long after it arrived gets one `call.stale` event; each
+    # `worker start` looks for such calls every `stale_sweep_s` (workers/stale.py).
+    stale_after_min: int = Field(default=30, ge=1)
+    stale_sweep_s: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("log_level")
     @classmethod

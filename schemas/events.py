@@ -11,8 +11,10 @@ from schemas.topology import Kind
 
 SCHEMA_VERSION: Final = "callpipe.call.v1"
 
-EventType = Literal["call.started", "call.ended"]
+EventType = Literal["call.started", "call.ended", "call.stale"]
 EVENT_TYPE_BY_KIND: dict[Kind, EventType] = {"start": "call.started", "end": "call.ended"}
+# Not a webhook: a call start with no call end after CALLPIPE_STALE_AFTER_MIN (workers/stale.py).
+STALE_EVENT_TYPE: Final = "call.stale"
 
 Outcome = Literal["answered", "missed", "failed", "blocked", "unknown"]
 
@@ -71,6 +73,8 @@ class CallFields(BaseModel):
     revision: int | None = None
     start_received_at: datetime | None = None
     end_received_at: datetime | None = None
+    # When the call was marked stale (a start, no end in time); kept if the end comes later.
+    stale_at: datetime | None = None
 
 
 class CallEvent(BaseModel):

@@ -104,15 +104,20 @@ class Topology:
 
 
 def event_routing_key(event_type: str, outcome: str | None) -> str:
-    """`call.started`, or `call.ended.<outcome>` for a call end."""
-    if event_type == "call.started":
-        return "call.started"
+    """`call.started`, `call.stale`, or `call.ended.<outcome>` for a call end."""
+    if event_type in ("call.started", "call.stale"):
+        return event_type
     return f"call.ended.{outcome or 'unknown'}"
 
 
 def event_id(project: str, call_id: str, kind: Kind) -> str:
     """The idempotency key of one webhook: `{project}:{call_id}:{kind}`."""
     return f"{project}:{call_id}:{kind}"
+
+
+def stale_event_id(project: str, call_id: str) -> str:
+    """The idempotency key of a call's one `call.stale` event: `{project}:{call_id}:stale`."""
+    return f"{project}:{call_id}:stale"
 
 
 # A replay publishes straight to a queue (default exchange), so the routing key a subscriber

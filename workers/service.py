@@ -17,6 +17,8 @@ from workers.consumer import AmqpEventPublisher, CallConsumer
 from workers.errors import RetryPolicy
 from workers.migrate import migrate
 from workers.pipeline import Pipeline
+from workers.stale import StaleSweeper, start_sweeping
+from workers.stale_store import PostgresStaleStore
 from workers.storage import PostgresCallStore, create_pool
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,13 @@ async def _start(
         region=settings.default_region,
         tz=settings.time_zone,
     )
+    if kind == "start":
+        # Calls whose end never came are found by each start worker: no process to add for
+        # ops, and replicas sweep side by side (rows are taken with SKIP LOCKED).
+        sweeper = StaleSweeper(
+            PostgresStaleStore(pool), events, settings.stale_after_min, settings.stale_sweep_s
+        )
+        start_sweeping(sweeper, stop, resources, settings.shutdown_timeout_s)
     return CallConsumer(queue, kind, pipeline, events, RetryPolicy())
 
 

@@ -66,6 +66,7 @@ RETURNED_COLUMNS: tuple[str, ...] = (
     "revision",
     "start_received_at",
     "end_received_at",
+    "stale_at",
 )
 
 REPEAT_WINDOW = "30 days"

@@ -129,9 +129,8 @@ def test_each_message_payload_is_the_generated_event_schema(parsed: dict[str, An
 
 def test_documented_routing_keys_are_those_the_workers_publish(parsed: dict[str, Any]) -> None:
     documented = [key for channel in parsed["channels"] for key in _routing_keys(channel)]
-    published = [event_routing_key("call.started", None)] + [
-        event_routing_key("call.ended", outcome) for outcome in get_args(Outcome)
-    ]
+    published = [event_routing_key("call.started", None), event_routing_key("call.stale", None)]
+    published += [event_routing_key("call.ended", outcome) for outcome in get_args(Outcome)]
     assert sorted(documented) == sorted(published)
     assert {message["name"] for message in parsed["messages"]} == set(get_args(EventType))
 
