@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import asyncpg
 import pytest
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from callpipe_testing import TcpProxy, wait_for
 from conftest import Collector, Services, Workers, make_settings
 
@@ -113,25 +113,63 @@ async def _arrived(collector: Collector) -> bool:
     return bool(collector.messages)
 
 
+@pytest.mark.parametrize("returned_by", ["reject", "consumer-dies"])
 async def test_delivery_limit_dead_letters_a_message_that_keeps_coming_back(
-    settings: Settings, amqp: AbstractRobustConnection, subscribe: Any
+    settings: Settings, amqp: AbstractRobustConnection, subscribe: Any, returned_by: str
 ) -> None:
-    """The broker side of the promise: a poison loop ends in {ns}.dead, on RabbitMQ 3.x too."""
+    """The broker side of the promise: a poison loop ends in {ns}.dead, on RabbitMQ 3.x too.
+
+    Returned the two ways that count towards the delivery limit on 3.x and on 4.3+ alike: a
+    basic.reject with requeue (a failed delivery), and a consumer whose channel closes while
+    it holds the delivery (a worker that crashed on it). basic.nack with requeue counts only
+    up to 4.2: from 4.3 it is a hand-back, not a failure, so it never reaches the limit.
+    """
     dead: Collector = await subscribe(settings.topology.dead_exchange, "")
     await publish(amqp, settings.topology, [webhook("boomerang")])
+    return_once = _reject_once if returned_by == "reject" else _take_and_die
+    returns = 0
+    while await return_once(amqp, settings.topology.call_queue("end"), dead):
+        returns += 1
+        assert returns <= DELIVERY_LIMIT + 1, "the delivery limit did not stop the loop"
+    assert returns in (DELIVERY_LIMIT, DELIVERY_LIMIT + 1)  # 3.x counts from 0, 4.x from 1
+    assert dead.messages[0].message_id == "acme:boomerang:end"
+
+
+async def _reject_once(amqp: AbstractRobustConnection, queue_name: str, dead: Collector) -> bool:
+    """basic.get the message and reject it with requeue; False once it is dead-lettered."""
     async with amqp.channel() as channel:
-        queue = await channel.get_queue(settings.topology.call_queue("end"))
+        queue = await channel.get_queue(queue_name)
 
         async def redelivered_or_dead() -> Any:
             return "dead" if dead.messages else await queue.get(fail=False)
 
-        returns = 0
-        while (message := await wait_for(redelivered_or_dead, what="a redelivery")) != "dead":
-            await message.nack(requeue=True)
-            returns += 1
-            assert returns <= DELIVERY_LIMIT + 1, "the delivery limit did not stop the loop"
-    assert returns in (DELIVERY_LIMIT, DELIVERY_LIMIT + 1)  # 3.x counts from 0, 4.x from 1
-    assert dead.messages[0].message_id == "acme:boomerang:end"
+        message = await wait_for(redelivered_or_dead, what="a redelivery or the dead letter")
+        if message == "dead":
+            return False
+        await message.reject(requeue=True)
+        return True
+
+
+async def _take_and_die(amqp: AbstractRobustConnection, queue_name: str, dead: Collector) -> bool:
+    """Consume the message on a channel of its own and close that channel without settling it,
+    as a worker that dies does; False once it is dead-lettered."""
+    channel = await amqp.channel()
+    try:
+        await channel.set_qos(prefetch_count=1)
+        queue = await channel.get_queue(queue_name)
+        held: list[AbstractIncomingMessage] = []
+
+        async def hold(message: AbstractIncomingMessage) -> None:
+            held.append(message)  # never settled
+
+        await queue.consume(hold)
+
+        async def delivered_or_dead() -> str | None:
+            return "dead" if dead.messages else "delivered" if held else None
+
+        return await wait_for(delivered_or_dead, what="a delivery or the dead letter") != "dead"
+    finally:
+        await channel.close()  # with the delivery unsettled: the broker takes it back
 
 
 async def test_concurrent_duplicates_store_one_row_and_publish_one_event(
