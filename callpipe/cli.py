@@ -13,7 +13,13 @@ from pydantic import ValidationError
 from callpipe.broker import connect, declare_topology
 from callpipe.logs import setup_logging
 from callpipe.replay import replay_dead
-from callpipe.runner import Component, run, run_until_signalled, serve_ingress
+from callpipe.runner import (
+    Component,
+    run,
+    run_until_signalled,
+    serve_ingress,
+    serve_worker_endpoints,
+)
 from callpipe.sample import send_sample
 from callpipe.settings import Settings, configuration_errors
 from callpipe.sink_commands import (
@@ -31,6 +37,7 @@ from callpipe.subscription_commands import (
     replay_stored_events,
     subscribe_queue,
 )
+from workers.health import WorkerMonitor
 from workers.service import migrate_when_up, run_worker
 
 
@@ -151,12 +158,20 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
     components: list[Component] = []
     if args.command in ("run", "ingress"):
         components.append(partial(serve_ingress, settings))
+    if args.command in ("run", "worker"):
+        # One server for the process: `run` serves both kinds' metrics and readiness on it.
+        monitor = WorkerMonitor()
+        if settings.metrics_port:
+            components.append(partial(serve_worker_endpoints, settings, monitor))
     if args.command == "run":
-        components += [partial(run_worker, settings, "start"), partial(run_worker, settings, "end")]
+        components += [
+            partial(run_worker, settings, "start", monitor=monitor),
+            partial(run_worker, settings, "end", monitor=monitor),
+        ]
         if configured_sinks(settings):
             components.append(sinks_component(settings))
     if args.command == "worker":
-        components.append(partial(run_worker, settings, args.kind))
+        components.append(partial(run_worker, settings, args.kind, monitor=monitor))
     if args.command == "sinks":
         components.append(sinks_component(settings, args.only))
     return run(run_until_signalled(components))

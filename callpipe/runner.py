@@ -14,6 +14,7 @@ from aiohttp import web
 
 from callpipe.settings import Settings
 from ingress.app import init_app
+from workers.health import WorkerMonitor, init_worker_app
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,36 @@ async def serve_ingress(settings: Settings, stop: asyncio.Event) -> None:
             log.info("ingress listening on http://%s:%d", settings.http_host, settings.http_port)
             await stop.wait()
             log.info("ingress stopping: finishing in-flight requests")
+        finally:
+            await runner.cleanup()
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+async def serve_worker_endpoints(
+    settings: Settings, monitor: WorkerMonitor, stop: asyncio.Event
+) -> None:
+    """/healthz, /readyz, /metrics of this process's workers on CALLPIPE_METRICS_PORT until
+    `stop`. Unlike the ingress's port, one in use does not stop the workers: calls are still
+    stored, the error says which variable to change."""
+    try:
+        sockets = listen(settings.http_host, settings.metrics_port)
+    except StartupError as exc:
+        log.error(
+            "workers serve no /healthz, /readyz, /metrics: %s (give each worker process its own"
+            " CALLPIPE_METRICS_PORT, or 0 for none)",
+            exc,
+        )
+        return
+    try:
+        runner = web.AppRunner(init_worker_app(monitor), handle_signals=False, access_log=None)
+        await runner.setup()
+        try:
+            for sock in sockets:
+                await web.SockSite(runner, sock, backlog=BACKLOG).start()
+            log.info("worker endpoints on http://%s:%d", settings.http_host, settings.metrics_port)
+            await stop.wait()
         finally:
             await runner.cleanup()
     finally:

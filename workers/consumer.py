@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
@@ -24,7 +25,9 @@ from workers.errors import (
 )
 from workers.events import routing_key_of
 from workers.failpoints import failpoint
+from workers.metrics import KindMetrics
 from workers.pipeline import Pipeline
+from workers.storage import Recorded
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,15 @@ class CallConsumer:
         pipeline: Pipeline,
         publisher: AmqpEventPublisher,
         policy: RetryPolicy,
+        metrics: KindMetrics,
     ) -> None:
         self._queue = queue
         self._kind = kind
         self._pipeline = pipeline
         self._publisher = publisher
         self._policy = policy
+        self._metrics = metrics
+        self._consuming = False
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._random = random.Random()
@@ -88,9 +94,11 @@ class CallConsumer:
     async def run(self, stop: asyncio.Event, shutdown_timeout_s: float) -> None:
         """Consume until `stop` is set, then finish (and ack) what is in flight."""
         tag = await self._queue.consume(self._on_message)
+        self._consuming = True
         log.info("worker %s consuming %s", self._kind, self._queue.name)
         await stop.wait()
         self._stopping.set()
+        self._consuming = False
         try:
             # Cancelling waits for the channel; while the broker is away that would be forever.
             async with asyncio.timeout(CANCEL_TIMEOUT_S):
@@ -103,22 +111,36 @@ class CallConsumer:
             )
             await asyncio.wait(set(self._in_flight), timeout=shutdown_timeout_s)
 
+    @property
+    def not_consuming(self) -> str | None:
+        """Why this consumer takes no deliveries now (None: it does)."""
+        if not self._consuming:
+            return "stopping" if self._stopping.is_set() else "not consuming yet"
+        if self._queue.channel.is_closed:
+            return "consume channel closed (broker unreachable)"
+        return None
+
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
+        self._metrics.in_flight.take(task)
+        started = time.monotonic()
         try:
             await self._handle(message)
         finally:
             self._in_flight.discard(task)
+            self._metrics.in_flight.settle(task)
+            self._metrics.processing_seconds.observe(time.monotonic() - started)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         failures = unexpected = 0
         while True:
             error: Exception | None = None
+            recorded: Recorded | None = None
             try:
                 webhook = decode_delivery(message.body, plain_headers(message.headers), self._kind)
-                await self._pipeline.process(webhook)
+                recorded = await self._pipeline.process(webhook)
             except Exception as exc:
                 error = exc
                 failures += 1
@@ -130,7 +152,9 @@ class CallConsumer:
             if action is Action.ACK:
                 failpoint("consumer.before_ack", message.message_id or "")
                 await _settle(message.ack())
+                self._count_ack(recorded)
                 return
+            self._metrics.retries.inc()
             log.warning(
                 "delivery %s failed (attempt %d), retrying: %s",
                 message.message_id,
@@ -145,6 +169,15 @@ class CallConsumer:
             delay = backoff_delay(failures, self._policy, self._random)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    def _count_ack(self, recorded: Recorded | None) -> None:
+        """An ack follows a stored webhook, a duplicate, or (nothing recorded) a dead letter."""
+        if recorded is None:
+            self._metrics.dead_lettered.inc()
+        elif recorded.stored:
+            self._metrics.processed.inc()
+        else:
+            self._metrics.duplicates.inc()
 
     async def _dead_letter(self, message: AbstractIncomingMessage, error: Exception) -> Action:
         reason = f"{type(error).__name__}: {error}"
