@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     tokens: str = Field(default="", description="project:token,... (a token maps to a project)")
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    # Workers' /healthz, /readyz, /metrics: one server per process (`run`: both kinds), on
+    # http_host; 0: none. A port in use is logged and the worker runs without it.
+    metrics_port: int = Field(default=8081, ge=0, le=65535)
     max_body_bytes: int = Field(default=65536, ge=1024)
     roistat_tz: str = "Europe/Moscow"
     default_region: str = "RU"

@@ -15,6 +15,8 @@ from callpipe.settings import Settings
 from schemas.topology import Kind
 from workers.consumer import AmqpEventPublisher, CallConsumer
 from workers.errors import RetryPolicy
+from workers.health import WorkerMonitor
+from workers.metrics import KindMetrics
 from workers.migrate import migrate
 from workers.pipeline import Pipeline
 from workers.stale import StaleSweeper, start_sweeping
@@ -44,20 +46,31 @@ async def migrate_when_up(settings: Settings, stop: asyncio.Event | None = None)
     )
 
 
-async def run_worker(settings: Settings, kind: Kind, stop: asyncio.Event) -> None:
-    """Consume `{ns}.call-<kind>` until `stop`; in-flight deliveries are finished and acked."""
+async def run_worker(
+    settings: Settings, kind: Kind, stop: asyncio.Event, monitor: WorkerMonitor | None = None
+) -> None:
+    """Consume `{ns}.call-<kind>` until `stop`; in-flight deliveries are finished and acked.
+    `monitor`: the process's /readyz and /metrics, which this worker reports to."""
+    monitor = monitor or WorkerMonitor()
     async with AsyncExitStack() as resources:
+        health = monitor.watch(kind, settings.database_url)
+        resources.callback(monitor.forget, health)
         try:
-            consumer = await _start(settings, kind, stop, resources)
+            consumer = await _start(settings, kind, stop, resources, monitor.metrics.of(kind))
         except StoppedError:
             log.info("worker %s stopped while starting", kind)
             return
+        health.consumer = consumer
         await consumer.run(stop, settings.shutdown_timeout_s)
     log.info("worker %s stopped", kind)
 
 
 async def _start(
-    settings: Settings, kind: Kind, stop: asyncio.Event, resources: AsyncExitStack
+    settings: Settings,
+    kind: Kind,
+    stop: asyncio.Event,
+    resources: AsyncExitStack,
+    metrics: KindMetrics,
 ) -> CallConsumer:
     topology = settings.topology
     await migrate_when_up(settings, stop)
@@ -92,7 +105,7 @@ async def _start(
             PostgresStaleStore(pool), events, settings.stale_after_min, settings.stale_sweep_s
         )
         start_sweeping(sweeper, stop, resources, settings.shutdown_timeout_s)
-    return CallConsumer(queue, kind, pipeline, events, RetryPolicy())
+    return CallConsumer(queue, kind, pipeline, events, RetryPolicy(), metrics)
 
 
 async def close_quietly(close: Callable[[], Awaitable[object]]) -> None:
