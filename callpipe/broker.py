@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,11 +14,15 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
+    AbstractQueue,
     AbstractRobustConnection,
     HeadersType,
 )
+from pydantic import ValidationError
 
+from callpipe.kept_queues import KeptQueueBounds, QueueBound, bounds_of, kept_queue_arguments
 from callpipe.retry import retry_until_done
+from callpipe.settings import Settings
 from schemas.topology import DELIVERY_LIMIT, Topology
 
 log = logging.getLogger(__name__)
@@ -43,8 +48,15 @@ def work_queue_arguments(topology: Topology) -> dict[str, Any]:
     }
 
 
-async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
-    """Declare every exchange, queue and binding of the namespace. Idempotent."""
+async def declare_topology(
+    channel: AbstractChannel, topology: Topology, bounds: KeptQueueBounds | None = None
+) -> None:
+    """Declare every exchange, queue and binding of the namespace. Idempotent.
+
+    `bounds` sizes `{ns}.dead` and `{ns}.rejected` when they are new (default: from the
+    `CALLPIPE_*_MAX_*` environment variables); queues declared earlier are left as they are.
+    """
+    bounds = bounds or environment_bounds()
     webhooks = await channel.declare_exchange(
         topology.webhooks_exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )
@@ -54,15 +66,66 @@ async def declare_topology(channel: AbstractChannel, topology: Topology) -> None
     dead = await channel.declare_exchange(
         topology.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
     )
-    dead_queue = await channel.declare_queue(
-        topology.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
-    )
+    dead_queue = await declare_kept_queue(channel, topology.dead_queue, bounds.dead)
     await dead_queue.bind(dead, routing_key="")
     for name, binding_key in topology.work_queues.items():
-        queue = await channel.declare_queue(
-            name, durable=True, arguments=work_queue_arguments(topology)
-        )
+        if name == topology.rejected_queue:
+            queue = await declare_kept_queue(channel, name, bounds.rejected)
+        else:
+            queue = await channel.declare_queue(
+                name, durable=True, arguments=work_queue_arguments(topology)
+            )
         await queue.bind(webhooks, routing_key=binding_key)
+
+
+def environment_bounds() -> KeptQueueBounds:
+    """The kept queues' bounds from the environment, for callers that pass none."""
+    try:
+        return bounds_of(Settings())
+    except ValidationError:  # whoever reads the rest of the environment reports it
+        return bounds_of(Settings.model_construct())
+
+
+_told_unbounded: set[str] = set()
+
+
+async def declare_kept_queue(
+    channel: AbstractChannel, name: str, bound: QueueBound
+) -> AbstractQueue:
+    """A kept queue: declared with its bound if new, else left as it is (RabbitMQ refuses a
+    re-declare with other arguments, and closes the channel that tries)."""
+    mismatch = await probe_declare(channel, name, kept_queue_arguments(bound))
+    if mismatch and name not in _told_unbounded:
+        _told_unbounded.add(name)
+        log.warning(
+            "%s was declared earlier with other arguments (%s), so it is not bounded at %s "
+            "unless a policy does: `callpipe setup` prints the rabbitmqctl line that bounds it",
+            name,
+            mismatch,
+            bound.describe(),
+        )
+    return await channel.declare_queue(name, passive=True)
+
+
+async def probe_declare(
+    channel: AbstractChannel, name: str, arguments: dict[str, Any]
+) -> str | None:
+    """Declare a durable queue on a throwaway channel: None if it now exists with exactly these
+    arguments, else the broker's word on the one that differs."""
+    underlay = await channel.get_underlay_channel()
+    probe = await underlay.connection.channel()
+    try:
+        await probe.queue_declare(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        found = _INEQUIVALENT.search(str(exc))
+        return found.group(0) if found else str(exc)
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return None
+
+
+_INEQUIVALENT = re.compile(r"inequivalent arg '[^']*'[^\"]*")
 
 
 async def delete_topology(channel: AbstractChannel, topology: Topology) -> None:

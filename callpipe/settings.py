@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
     log_level: str = "INFO"
     sinks_file: Path | None = None  # TOML; no file: no sinks
+    # Bounds of the queues kept for humans (0: no bound of that kind); README, "Dead letters".
+    dead_max_messages: int = Field(default=50_000, ge=0)
+    dead_max_bytes: int = Field(default=1024**3, ge=0)
+    rejected_max_messages: int = Field(default=10_000, ge=0)
+    rejected_max_bytes: int = Field(default=256 * 1024**2, ge=0)
     # Outage spool of the ingress: one directory per instance (default .spool/<namespace>).
     spool_dir: Path | None = None
     spool_max_bytes: int = Field(default=1024**3, ge=1024 * 1024)
