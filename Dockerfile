@@ -35,7 +35,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 RUN groupadd --system --gid 10001 callpipe \
  && useradd --system --uid 10001 --gid callpipe --create-home --home-dir /home/callpipe \
-        --shell /usr/sbin/nologin callpipe
+        --shell /usr/sbin/nologin callpipe \
+ && mkdir -p /var/lib/callpipe/spool \
+ && chown -R 10001:10001 /var/lib/callpipe
 
 COPY --from=build /opt/venv /opt/venv
 
