@@ -11,8 +11,14 @@ import aiohttp
 from pydantic import ValidationError
 
 from callpipe.broker import connect, declare_topology
+from callpipe.dead_commands import (
+    add_dead_commands,
+    check_dead_args,
+    kept_queue_lines,
+    run_dead_command,
+)
+from callpipe.kept_queues import bounds_of
 from callpipe.logs import setup_logging
-from callpipe.replay import replay_dead
 from callpipe.runner import (
     Component,
     run,
@@ -46,22 +52,14 @@ async def setup(settings: Settings) -> int:
     connection = await connect(settings.amqp_url, name="callpipe-setup")
     async with connection:
         channel = await connection.channel()
-        await declare_topology(channel, settings.topology)
+        await declare_topology(channel, settings.topology, bounds_of(settings))
         print(f"topology of namespace {settings.namespace!r} declared")
+        for line in await kept_queue_lines(channel, settings):
+            print(line)
         for line in await declare_sinks(channel, settings):
             print(line)
     applied = await migrate_when_up(settings)
     print(f"database schema {settings.namespace!r}: applied {applied or 'nothing new'}")
-    return 0
-
-
-async def replay(settings: Settings, limit: int) -> int:
-    connection = await connect(settings.amqp_url, name="callpipe-replay")
-    async with connection:
-        report = await replay_dead(
-            connection, settings.topology, limit=limit, timeout_s=settings.publish_timeout_s
-        )
-    print(report.line())
     return 0
 
 
@@ -77,10 +75,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     worker = commands.add_parser("worker", help="a worker for one queue kind")
     worker.add_argument("kind", choices=["start", "end"])
     commands.add_parser("setup", help="declare the RabbitMQ topology, migrate the database")
-    replay = commands.add_parser(
-        "replay-dead", help="send the call webhooks in {ns}.dead back to the workers"
-    )
-    replay.add_argument("--limit", type=int, default=10000, help="at most this many (10000)")
     sample = commands.add_parser("send-sample", help="post sample Roistat calls to an ingress")
     sample.add_argument(
         "--url",
@@ -97,8 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_subscription_commands(commands)
     add_sinks_command(commands)
+    add_dead_commands(commands)
     args = parser.parse_args(argv)
     check_subscription_args(commands, args)
+    check_dead_args(commands, args)
     return args
 
 
@@ -144,8 +140,8 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         configured_sinks(settings)  # a bad sinks file stops here, before any connection
     if args.command == "setup":
         return asyncio.run(setup(settings))
-    if args.command == "replay-dead":
-        return asyncio.run(replay(settings, args.limit))
+    if args.command in ("dead", "rejected", "replay-dead"):
+        return asyncio.run(run_dead_command(settings, args))
     if args.command == "subscribe":
         return asyncio.run(subscribe_queue(settings, args))
     if args.command == "replay-events":
