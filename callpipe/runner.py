@@ -94,6 +94,7 @@ async def serve_worker_endpoints(
             " CALLPIPE_METRICS_PORT, or 0 for none)",
             exc,
         )
+        await stop.wait()  # a component that returns would stop the whole process
         return
     try:
         runner = web.AppRunner(init_worker_app(monitor), handle_signals=False, access_log=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -273,3 +274,42 @@ async def test_callpipe_worker_end_serves_healthz_on_the_metrics_port(settings: 
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_metrics_port_in_use_is_logged_and_the_worker_still_consumes(
+    settings: Settings,
+) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("CALLPIPE_")},
+            "CALLPIPE_AMQP_URL": settings.amqp_url,
+            "CALLPIPE_DATABASE_URL": settings.database_url,
+            "CALLPIPE_NAMESPACE": settings.namespace,
+            "CALLPIPE_HTTP_HOST": "127.0.0.1",
+            "CALLPIPE_METRICS_PORT": str(held.getsockname()[1]),
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "callpipe",
+            "worker",
+            "end",
+            env=env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert process.stderr is not None
+            seen: list[str] = []
+            while not any("consuming" in line for line in seen):
+                line = await asyncio.wait_for(process.stderr.readline(), timeout=30)
+                assert line, f"the worker exited: {seen}"
+                seen.append(line.decode())
+            assert any("CALLPIPE_METRICS_PORT" in line and "in use" in line for line in seen)
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
