@@ -56,6 +56,7 @@ class Verdict:
     duplicated: dict[str, int] = field(default_factory=dict)  # event_id -> copies
     unexpected: list[str] = field(default_factory=list)
     p99_ms: float = 0.0
+    unanswered: list[str] = field(default_factory=list)  # "event_id: what the client saw"
 
     @property
     def duplicate_copies(self) -> int:
@@ -68,6 +69,9 @@ def classify(answers: Iterable[Answer], stored: Stored) -> Verdict:
     outcomes = Counter(answer.outcome for answer in answers)
     verdict.ok, verdict.spooled = outcomes[OK], outcomes[SPOOLED]
     verdict.refused, verdict.no_answer = outcomes[REFUSED], outcomes[NO_ANSWER]
+    verdict.unanswered = [
+        f"{a.event_id}: {a.detail}" for a in answers if a.outcome in (REFUSED, NO_ANSWER)
+    ]
     sent_ids = {answer.event_id for answer in answers}
     sent_calls = {answer.call_id for answer in answers}
 
