@@ -5,8 +5,8 @@ consumer with the largest prefetch, then `basic.get` past it) and holds them una
 
 - a message forwarded elsewhere is acked only after the broker confirmed its copy;
 - a message dropped (purge) is acked at once, and only those selected;
-- every other message is given back with one `nack(requeue)` at the end. Held until then,
-  they return in the order they were read (RabbitMQ 3.x puts returned messages behind any
+- every other message is given back with `nack(requeue)` at the end, one by one in the
+  order they were read, so they return in that order (RabbitMQ 3.x puts them behind any
   that arrived during the scan; the relative order of the ones read is kept).
 
 A connection lost half-way returns whatever is unacked: nothing is lost, and a copy that was
@@ -89,9 +89,15 @@ class QueueScan:
     `forward` or `drop` on the letter it is given; anything else goes back at the end."""
 
     def __init__(
-        self, connection: AbstractRobustConnection, queue: str, *, timeout_s: float
+        self,
+        connection: AbstractRobustConnection,
+        queue: str,
+        *,
+        timeout_s: float,
+        prefetch: int = PREFETCH_MAX,
     ) -> None:
         self.queue = queue
+        self._prefetch = prefetch
         self.expected = 0
         self.result = ScanResult()
         self._connection = connection
@@ -118,19 +124,20 @@ class QueueScan:
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise QueueNotFoundError(f"queue {self.queue!r} does not exist") from exc
         self.expected = declared.message_count or 0
-        await channel.basic_qos(prefetch_count=PREFETCH_MAX)
+        await channel.basic_qos(prefetch_count=self._prefetch)
         self._publisher = await ConfirmedPublisher.open(self._connection, self._timeout_s)
         return self
 
     async def each(self, handle: Callable[[Letter], Awaitable[None]]) -> None:
         """Call `handle` on each message that was in the queue when the scan began, in queue
-        order, once (and on any that arrived while it was read)."""
+        order, once. Any that arrived since are only held and given back: a requeued message
+        that dies again at once is not requeued twice by one command."""
         channel = self._require_channel()
         if self.expected == 0:
             return
         consume = await channel.basic_consume(self.queue, self._on_delivery, no_ack=False)
         self._consumer_tag = consume.consumer_tag
-        while self.result.read < min(self.expected, PREFETCH_MAX):
+        while self.result.read < min(self.expected, self._prefetch):
             try:
                 delivered = await asyncio.wait_for(self._inbox.get(), timeout=IDLE_S)
             except TimeoutError:
@@ -138,7 +145,9 @@ class QueueScan:
             await self._handle(delivered, handle)
         await self._cancel_consumer()
         while not self._inbox.empty():  # sent before the cancel took effect
-            await self._handle(self._inbox.get_nowait(), handle)
+            delivered = self._inbox.get_nowait()
+            if self.result.read < self.expected:
+                await self._handle(delivered, handle)
         while self.result.read < self.expected:  # past the largest prefetch
             got = await channel.basic_get(self.queue, no_ack=False)
             if not isinstance(got.delivery, Basic.GetOk):
@@ -240,8 +249,10 @@ class QueueScan:
         if not self._unsettled:
             return
         returned = len(self._unsettled)
-        # One nack for all: they go back in the order they were delivered.
-        await channel.basic_nack(max(self._unsettled), multiple=True, requeue=True)
+        # One by one, in the order they were delivered (delivery tags count up): a single
+        # `multiple` nack returns a consumer's deliveries and `basic.get`'s in two groups.
+        for tag in sorted(self._unsettled):
+            await channel.basic_nack(tag, requeue=True)
         self._unsettled.clear()
         self.result.returned = returned
         await self._wait_counted(channel, returned)

@@ -24,6 +24,8 @@ from callpipe.dead_operations import (
     purge_letters,
     requeue_letters,
 )
+from callpipe.letters import Letter
+from callpipe.queue_scan import QueueScan
 from callpipe.settings import Settings
 from schemas import codec
 from schemas.topology import Topology
@@ -369,3 +371,22 @@ async def test_a_namespace_without_the_queue_is_a_clear_error(settings: Settings
     )
     assert code == 2
     assert "does not exist" in output and "CALLPIPE_NAMESPACE=cpt_nothing_here" in output
+
+
+async def test_a_queue_longer_than_the_prefetch_is_read_on_with_get_in_order(
+    settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    """Past AMQP's largest prefetch (65535) a scan goes on with basic.get: tried with 2."""
+    for _ in range(2):
+        await seed_dead(amqp, settings.topology)
+    expected = [row.id for row in await listed(amqp, dead(settings))]
+    seen: list[str] = []
+
+    async def note(letter: Letter) -> None:
+        seen.append(letter.id)
+
+    async with QueueScan(amqp, settings.topology.dead_queue, timeout_s=10, prefetch=2) as scan:
+        await scan.each(note)
+    assert seen == expected and len(seen) == 8
+    assert scan.result.returned == 8
+    assert [row.id for row in await listed(amqp, dead(settings))] == expected
