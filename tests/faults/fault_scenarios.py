@@ -4,6 +4,7 @@ processes, and the scenarios that run them with what each one's crash window all
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import time
@@ -11,9 +12,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from callpipe_testing import wait_for
-from fault_checker import SPOOLED
-from fault_load import Load
+from fault_checker import NO_ANSWER, OK, REFUSED, SPOOLED, Answer
+from fault_load import PROJECT, TOKEN, Load, call_body
 from fault_rig import Rig
 from service_control import (
     broker_alarms,
@@ -160,16 +162,59 @@ async def ingress_sigkill_with_spool(rig: Rig, load: Load) -> None:
 
 
 async def ingress_sigterm(rig: Rig, load: Load) -> None:
+    """SIGTERM under load; one webhook's connection is open, its request not yet sent (a
+    client whose bytes are still on the way), when the signal arrives."""
     a = rig.ingresses[0]
     await load.reached(0.4)
+    reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
     a.process.send(signal.SIGTERM)
     sent = time.monotonic()
+
+    async def stopping() -> bool:
+        try:
+            async with rig.session.get(f"{a.url}/readyz") as response:
+                return response.status != 200
+        except aiohttp.ClientError:
+            return True
+
+    await wait_for(stopping, seconds=30, what="ingress a to start stopping")
+    load.answers.append(await late_request(reader, writer, "on-the-way", 0, "start"))
     code = await asyncio.wait_for(a.process.wait(), timeout=30)
     rig.facts["exit after SIGTERM s"] = round(time.monotonic() - sent, 2)
     a.exits.append(code)
     if code != 0:
         rig.problems.append(f"ingress a exited {code} on SIGTERM, not 0")
     await a.start(rig.session)
+
+
+async def late_request(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, call_id: str, n: int, kind: str
+) -> Answer:
+    """Send one webhook on a connection opened earlier, and note what came back."""
+    event_id = f"{PROJECT}:{call_id}:{kind}"
+    body = call_body(call_id, n, kind)
+    head = (
+        f"POST /roistat/{TOKEN}/call-{kind} HTTP/1.1\r\nHost: ingress\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    started = time.monotonic()
+    try:
+        writer.write(head.encode() + body)
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), timeout=10)
+    except (OSError, TimeoutError) as exc:
+        response = f"{type(exc).__name__}: {exc}".encode()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    status = response.split(b" ", 2)[1] if response.startswith(b"HTTP/1.1 ") else b""
+    outcome = NO_ANSWER if not status else OK if status == b"200" else REFUSED
+    if outcome == OK and re.search(rb'"spooled":\s*true', response):
+        outcome = SPOOLED
+    detail = f"request on a connection opened before SIGTERM: {response[:120]!r}"
+    return Answer(event_id, call_id, kind, outcome, detail, time.monotonic() - started)
 
 
 # ---- the scenarios ----------------------------------------------------------------------------
