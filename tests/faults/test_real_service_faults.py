@@ -34,7 +34,6 @@ from service_control import (
     OUTAGES,
     other_test_runs,
     restore_exclusively,
-    restore_services,
     why_not_controllable,
 )
 
@@ -204,7 +203,8 @@ async def run_scenario(
                 faulting.cancel()
                 with contextlib.suppress(BaseException):
                     await faulting
-            await asyncio.to_thread(restore_services, services.database_url)
+            # Under the lock: another run's journalled limits are that run's to put back.
+            await asyncio.to_thread(restore_exclusively, services.database_url)
             await shared_clients_recovered(amqp, db)
 
         async def drained() -> bool:
