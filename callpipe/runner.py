@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from callpipe.settings import Settings
-from ingress.app import init_app
+from ingress.app import DRAINING, init_app
 from workers.health import WorkerMonitor, init_worker_app
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,12 @@ async def serve_ingress(settings: Settings, stop: asyncio.Event) -> None:
                 await web.SockSite(runner, sock, backlog=BACKLOG).start()
             log.info("ingress listening on http://%s:%d", settings.http_host, settings.http_port)
             await stop.wait()
+            if settings.drain_s > 0:
+                # Not ready any more, but still serving: a balancer stops sending, and what is
+                # already on its way (even a connection not yet accepted) is answered.
+                app[DRAINING].set()
+                log.info("ingress draining for %gs before it stops", settings.drain_s)
+                await asyncio.sleep(settings.drain_s)
             log.info("ingress stopping: finishing in-flight requests")
         finally:
             await runner.cleanup()

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     spool_max_bytes: int = Field(default=1024**3, ge=1024 * 1024)
     # A webhook whose confirm takes longer than this is spooled and answered 200.
     confirm_deadline_s: float = Field(default=0.5, gt=0, le=30)
+    # On SIGTERM the ingress answers /readyz 503 but keeps serving this long, so that a load
+    # balancer stops sending before the listener closes.
+    drain_s: float = Field(default=5.0, ge=0, le=300)
     # A call start with no call end this long after it arrived gets one `call.stale` event; each
     # `worker start` looks for such calls every `stale_sweep_s` (workers/stale.py).
     stale_after_min: int = Field(default=30, ge=1)

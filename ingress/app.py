@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -22,6 +23,7 @@ BROKER = web.AppKey("broker", BrokerLink)
 METRICS = web.AppKey("metrics", IngressMetrics)
 SPOOL = web.AppKey("spool", Spool)
 RELAY = web.AppKey("relay", WebhookRelay)
+DRAINING = web.AppKey("draining", asyncio.Event)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,6 +51,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready while a webhook can be taken: the broker confirms, or the spool has room."""
+    if request.app[DRAINING].is_set():
+        return web.json_response({"status": "draining: stopping soon"}, status=503)
     if request.app[BROKER].is_ready:
         return web.json_response({"status": "ready"})
     if request.app[SPOOL].has_room:
@@ -76,6 +80,7 @@ def init_app(settings: Settings) -> web.Application:
     spool = Spool(settings.spool_path, settings.spool_max_bytes, settings.max_body_bytes + 4096)
     relay = WebhookRelay(broker, spool, settings.confirm_deadline_s)
     app[BROKER], app[SPOOL], app[RELAY] = broker, spool, relay
+    app[DRAINING] = asyncio.Event()
     app[METRICS] = IngressMetrics()
     handler = WebhookHandler(
         tokens, relay, settings.topology, settings.max_body_bytes, app[METRICS]

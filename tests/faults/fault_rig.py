@@ -67,6 +67,9 @@ class Rig:
         worker_env = env | {
             "CALLPIPE_PREFETCH": "1" if failpoint else "16",
             "CALLPIPE_METRICS_PORT": "0",  # two workers per rig, many rigs: no fixed port
+            # Four of the load's health checks: long enough for it to stop sending, short
+            # enough for the suite's time.
+            "CALLPIPE_DRAIN_S": "2",
         }
         self.prefetch = 1 if failpoint else 16
         self.workers = {

@@ -203,6 +203,7 @@ async def test_sigterm_finishes_in_flight_webhooks_then_exits_0(
         # Wait for the confirms rather than spool: the test holds them in flight on purpose.
         "CALLPIPE_CONFIRM_DEADLINE_S": "20",
         "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
+        "CALLPIPE_DRAIN_S": "1",
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -220,7 +221,9 @@ async def test_sigterm_finishes_in_flight_webhooks_then_exits_0(
             async def ready() -> bool:
                 try:
                     async with session.get(f"{base}/readyz") as response:
-                        return response.status == 200
+                        # Ready to publish, not just to spool: the test holds confirms back.
+                        answer = await response.json()
+                        return response.status == 200 and not answer.get("spooling")
                 except aiohttp.ClientConnectionError:
                     return False
 
@@ -300,6 +303,7 @@ async def test_a_killed_ingress_sends_its_spool_after_a_restart(
         "CALLPIPE_HTTP_HOST": "127.0.0.1",
         "CALLPIPE_HTTP_PORT": str(settings.http_port),
         "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
+        "CALLPIPE_DRAIN_S": "0",
     }
     base = f"http://127.0.0.1:{settings.http_port}"
 
@@ -345,3 +349,68 @@ async def test_a_killed_ingress_sends_its_spool_after_a_restart(
             process.terminate()
             await process.wait()
     assert set(ids) == {f"acme:{n}:start" for n in range(20)}
+
+
+async def test_sigterm_drains_not_ready_but_still_serving(
+    services: Services, namespace: str, amqp: AbstractRobustConnection
+) -> None:
+    """A balancer needs time to notice: during the drain /readyz says no, webhooks still get
+    their 200, and a connection opened before the signal is answered."""
+    settings = make_settings(services, namespace)
+    env = {
+        **os.environ,
+        "CALLPIPE_AMQP_URL": settings.amqp_url,
+        "CALLPIPE_NAMESPACE": namespace,
+        "CALLPIPE_TOKENS": "acme:tok-acme",
+        "CALLPIPE_HTTP_HOST": "127.0.0.1",
+        "CALLPIPE_HTTP_PORT": str(settings.http_port),
+        "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
+        "CALLPIPE_DRAIN_S": "3",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "callpipe",
+        "ingress",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{settings.http_port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                try:
+                    async with session.get(f"{base}/readyz") as response:
+                        return response.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_for(ready, seconds=20, what="the ingress to be ready")
+            reader, writer = await asyncio.open_connection("127.0.0.1", settings.http_port)
+            process.send_signal(signal.SIGTERM)
+
+            async def draining() -> bool:
+                async with session.get(f"{base}/readyz") as response:
+                    return response.status == 503 and "draining" in await response.text()
+
+            await wait_for(draining, what="/readyz to say it is draining")
+            async with session.post(f"{base}/roistat/tok-acme/call-start", data=webhook(1)) as r:
+                assert r.status == 200
+            body = webhook(2)
+            writer.write(
+                b"POST /roistat/tok-acme/call-start HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            answer = await asyncio.wait_for(reader.read(), timeout=10)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    ids = await wait_queued(amqp, Topology(namespace).call_queue("start"), 2)
+    assert set(ids) == {"acme:1:start", "acme:2:start"}

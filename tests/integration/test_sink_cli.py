@@ -63,6 +63,7 @@ async def inbox(
         "CALLPIPE_HTTP_HOST": "127.0.0.1",
         "CALLPIPE_HTTP_PORT": str(free_port()),
         "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
+        "CALLPIPE_DRAIN_S": "0",
     }
     try:
         yield fake, env
