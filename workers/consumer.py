@@ -121,9 +121,16 @@ class CallConsumer:
         return None
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # A dropped channel cancels aio-pika's task for this delivery. The work must not stop
+        # between the event's confirm and the commit (it would be published again on the
+        # redelivery): it runs in a task of ours, and only its ack may then fail (stale tag).
+        task = asyncio.create_task(self._tracked(message))
+        self._in_flight.add(task)
+        await asyncio.shield(task)
+
+    async def _tracked(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._in_flight.add(task)
         self._metrics.in_flight.take(task)
         started = time.monotonic()
         try:
