@@ -21,6 +21,7 @@ from callpipe_testing import TcpProxy, wait_for
 from conftest import Services, make_settings
 
 from callpipe.broker import delete_topology
+from callpipe.settings import Settings
 from ingress.app import BROKER, init_app
 from schemas import codec
 from schemas.topology import Topology
@@ -81,6 +82,50 @@ async def wait_queued(amqp: AbstractRobustConnection, queue_name: str, count: in
 
 def webhook(n: int) -> bytes:
     return codec.dumps({"id": str(n), "caller": "79990009911"})
+
+
+def ingress_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `callpipe ingress` process for this test's settings."""
+    return {
+        **os.environ,
+        "CALLPIPE_AMQP_URL": settings.amqp_url,
+        "CALLPIPE_NAMESPACE": settings.namespace,
+        "CALLPIPE_TOKENS": "acme:tok-acme",
+        "CALLPIPE_HTTP_HOST": "127.0.0.1",
+        "CALLPIPE_HTTP_PORT": str(settings.http_port),
+        "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
+        **extra,
+    }
+
+
+async def start_ingress(
+    env: dict[str, str], stderr: int | None = None
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "callpipe",
+        "ingress",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL if stderr is None else stderr,
+    )
+
+
+async def wait_ready(
+    session: aiohttp.ClientSession, base: str, *, publishing: bool = False
+) -> None:
+    """Until `/readyz` says ready (and, with `publishing`, not only ready to spool)."""
+
+    async def ready() -> bool:
+        try:
+            async with session.get(f"{base}/readyz") as response:
+                answer = await response.json()
+                return response.status == 200 and not (publishing and answer.get("spooling"))
+        except aiohttp.ClientConnectionError:
+            return False
+
+    await wait_for(ready, seconds=20, what="the ingress to be ready")
 
 
 async def test_broker_gone_is_spooled_fast_then_drained(
@@ -192,42 +237,18 @@ async def test_sigterm_finishes_in_flight_webhooks_then_exits_0(
     services: Services, namespace: str, broker_proxy: TcpProxy
 ) -> None:
     settings = make_settings(services, namespace, amqp_url=proxied_url(services, broker_proxy))
-    env = {
-        **os.environ,
-        "CALLPIPE_AMQP_URL": settings.amqp_url,
-        "CALLPIPE_NAMESPACE": namespace,
-        "CALLPIPE_TOKENS": "acme:tok-acme",
-        "CALLPIPE_HTTP_HOST": "127.0.0.1",
-        "CALLPIPE_HTTP_PORT": str(settings.http_port),
-        "CALLPIPE_PUBLISH_TIMEOUT_S": "20",
+    env = ingress_env(
+        settings,
+        CALLPIPE_PUBLISH_TIMEOUT_S="20",
         # Wait for the confirms rather than spool: the test holds them in flight on purpose.
-        "CALLPIPE_CONFIRM_DEADLINE_S": "20",
-        "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
-        "CALLPIPE_DRAIN_S": "1",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "callpipe",
-        "ingress",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        CALLPIPE_CONFIRM_DEADLINE_S="20",
+        CALLPIPE_DRAIN_S="1",
     )
+    process = await start_ingress(env, stderr=asyncio.subprocess.PIPE)
     base = f"http://127.0.0.1:{settings.http_port}"
     try:
         async with aiohttp.ClientSession() as session:
-
-            async def ready() -> bool:
-                try:
-                    async with session.get(f"{base}/readyz") as response:
-                        # Ready to publish, not just to spool: the test holds confirms back.
-                        answer = await response.json()
-                        return response.status == 200 and not answer.get("spooling")
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_for(ready, seconds=20, what="the ingress to be ready")
+            await wait_ready(session, base, publishing=True)
             # Hold the confirms back so that the requests are in flight when SIGTERM arrives.
             broker_proxy.freeze()
             in_flight = [
@@ -295,37 +316,12 @@ async def test_a_killed_ingress_sends_its_spool_after_a_restart(
     services: Services, namespace: str, broker_proxy: TcpProxy, amqp: AbstractRobustConnection
 ) -> None:
     settings = make_settings(services, namespace, amqp_url=proxied_url(services, broker_proxy))
-    env = {
-        **os.environ,
-        "CALLPIPE_AMQP_URL": settings.amqp_url,
-        "CALLPIPE_NAMESPACE": namespace,
-        "CALLPIPE_TOKENS": "acme:tok-acme",
-        "CALLPIPE_HTTP_HOST": "127.0.0.1",
-        "CALLPIPE_HTTP_PORT": str(settings.http_port),
-        "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
-        "CALLPIPE_DRAIN_S": "0",
-    }
+    env = ingress_env(settings, CALLPIPE_DRAIN_S="0")
     base = f"http://127.0.0.1:{settings.http_port}"
 
     async def start() -> asyncio.subprocess.Process:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "callpipe",
-            "ingress",
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-
-        async def ready() -> bool:
-            try:
-                async with session.get(f"{base}/readyz") as response:
-                    return response.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await wait_for(ready, seconds=20, what="the ingress to be ready")
+        process = await start_ingress(env)
+        await wait_ready(session, base)
         return process
 
     await broker_proxy.cut()
@@ -357,37 +353,12 @@ async def test_sigterm_drains_not_ready_but_still_serving(
     """A balancer needs time to notice: during the drain /readyz says no, webhooks still get
     their 200, and a connection opened before the signal is answered."""
     settings = make_settings(services, namespace)
-    env = {
-        **os.environ,
-        "CALLPIPE_AMQP_URL": settings.amqp_url,
-        "CALLPIPE_NAMESPACE": namespace,
-        "CALLPIPE_TOKENS": "acme:tok-acme",
-        "CALLPIPE_HTTP_HOST": "127.0.0.1",
-        "CALLPIPE_HTTP_PORT": str(settings.http_port),
-        "CALLPIPE_SPOOL_DIR": str(settings.spool_path),
-        "CALLPIPE_DRAIN_S": "3",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "callpipe",
-        "ingress",
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    env = ingress_env(settings, CALLPIPE_DRAIN_S="3")
+    process = await start_ingress(env)
     base = f"http://127.0.0.1:{settings.http_port}"
     try:
         async with aiohttp.ClientSession() as session:
-
-            async def ready() -> bool:
-                try:
-                    async with session.get(f"{base}/readyz") as response:
-                        return response.status == 200
-                except aiohttp.ClientConnectionError:
-                    return False
-
-            await wait_for(ready, seconds=20, what="the ingress to be ready")
+            await wait_ready(session, base)
             reader, writer = await asyncio.open_connection("127.0.0.1", settings.http_port)
             process.send_signal(signal.SIGTERM)
 
