@@ -14,6 +14,7 @@ from aiohttp import web
 
 from callpipe.settings import Settings
 from ingress.app import DRAINING, init_app
+from ingress.spool import SpoolLockedError
 from workers.health import WorkerMonitor, init_worker_app
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,10 @@ async def serve_ingress(settings: Settings, stop: asyncio.Event) -> None:
             shutdown_timeout=settings.shutdown_timeout_s,
             access_log=None,
         )
-        await runner.setup()
+        try:
+            await runner.setup()  # opens the spool
+        except SpoolLockedError as exc:
+            raise StartupError(str(exc)) from exc
         try:
             for sock in sockets:
                 await web.SockSite(runner, sock, backlog=BACKLOG).start()

@@ -16,6 +16,8 @@ from cli_process import run_cli
 from conftest import TOKENS, Services
 
 from callpipe.broker import delete_topology
+from callpipe.settings import Settings
+from ingress.spool import Spool
 from schemas.topology import Topology
 from workers.migrate import drop_schema
 
@@ -76,3 +78,28 @@ async def test_a_port_in_use_is_one_line_and_starts_nothing(
             await delete_topology(channel, Topology(namespace))
         async with db.acquire() as conn:
             await drop_schema(conn, namespace)
+
+
+async def test_a_spool_directory_in_use_is_one_line_and_exit_2(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Two ingresses on one spool would send each other's webhooks: the second one refuses."""
+    holder = Spool(tmp_path / "spool", 1024 * 1024)
+    holder.open()  # another ingress has it
+    try:
+        env = {
+            "CALLPIPE_AMQP_URL": settings.amqp_url,
+            "CALLPIPE_NAMESPACE": settings.namespace,
+            "CALLPIPE_TOKENS": TOKENS,
+            "CALLPIPE_HTTP_HOST": "127.0.0.1",
+            "CALLPIPE_HTTP_PORT": str(settings.http_port),
+            "CALLPIPE_SPOOL_DIR": str(tmp_path / "spool"),
+        }
+        code, output = await run_cli("ingress", env=env, deadline_s=30)
+    finally:
+        holder.close()
+    assert code == 2
+    assert output.splitlines() == [
+        f"callpipe: spool directory {tmp_path / 'spool'} is in use by another process: "
+        "give each ingress its own CALLPIPE_SPOOL_DIR"
+    ]
