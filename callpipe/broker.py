@@ -18,11 +18,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     HeadersType,
 )
-from pydantic import ValidationError
 
-from callpipe.kept_queues import KeptQueueBounds, QueueBound, bounds_of, kept_queue_arguments
+from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds, QueueBound, kept_queue_arguments
 from callpipe.retry import retry_until_done
-from callpipe.settings import Settings
 from schemas.topology import DELIVERY_LIMIT, Topology
 
 log = logging.getLogger(__name__)
@@ -53,10 +51,11 @@ async def declare_topology(
 ) -> None:
     """Declare every exchange, queue and binding of the namespace. Idempotent.
 
-    `bounds` sizes `{ns}.dead` and `{ns}.rejected` when they are new (default: from the
-    `CALLPIPE_*_MAX_*` environment variables); queues declared earlier are left as they are.
+    `bounds` sizes `{ns}.dead` and `{ns}.rejected` when they are new (pass
+    `bounds_of(settings)`; default: the settings' defaults); queues declared earlier are left
+    as they are.
     """
-    bounds = bounds or environment_bounds()
+    bounds = bounds or DEFAULT_BOUNDS
     webhooks = await channel.declare_exchange(
         topology.webhooks_exchange, aio_pika.ExchangeType.TOPIC, durable=True
     )
@@ -76,14 +75,6 @@ async def declare_topology(
                 name, durable=True, arguments=work_queue_arguments(topology)
             )
         await queue.bind(webhooks, routing_key=binding_key)
-
-
-def environment_bounds() -> KeptQueueBounds:
-    """The kept queues' bounds from the environment, for callers that pass none."""
-    try:
-        return bounds_of(Settings())
-    except ValidationError:  # whoever reads the rest of the environment reports it
-        return bounds_of(Settings.model_construct())
 
 
 _told_unbounded: set[str] = set()

@@ -104,3 +104,7 @@ def policy_command(queue: str, bound: QueueBound, vhost: str) -> str:
         f"rabbitmqctl set_policy -p '{vhost}' --apply-to queues --priority {POLICY_PRIORITY} "
         f"{name} '{pattern}' '{definition}'"
     )
+
+
+# The settings' own defaults (no environment read): for callers without settings (tests, benches).
+DEFAULT_BOUNDS = bounds_of(Settings.model_construct())

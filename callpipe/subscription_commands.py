@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from callpipe.broker import connect
+from callpipe.kept_queues import bounds_of
 from callpipe.settings import Settings
 from callpipe.subscriptions import (
     SINK_PREFIX,
@@ -25,7 +26,12 @@ async def subscribe_queue(settings: Settings, args: argparse.Namespace) -> int:
     async with connection:
         try:
             report = await subscribe(
-                connection, settings.topology, args.name, bind=args.bind, unbind=args.unbind
+                connection,
+                settings.topology,
+                args.name,
+                bind=args.bind,
+                unbind=args.unbind,
+                bounds=bounds_of(settings),
             )
         except SubscriptionError as exc:
             print(f"callpipe: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ from callpipe.broker import (
     declare_topology,
     work_queue_arguments,
 )
+from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds
 from callpipe.retry import retry_until_done
 from schemas import codec
 from schemas.topology import HEADER_ROUTING_KEY, Topology, topic_matches
@@ -67,12 +68,13 @@ async def subscribe(
     *,
     bind: Sequence[str],
     unbind: Sequence[str] = (),
+    bounds: KeptQueueBounds = DEFAULT_BOUNDS,
 ) -> SubscribeReport:
     """Declare `{ns}.sub.{name}` like a work queue, bound to `{ns}.events`. Idempotent."""
     queue_name = topology.subscription_queue(name)
     async with connection.channel() as channel:
         # Setup's objects, idempotently: the events exchange, and `{ns}.dead` for dead letters.
-        await declare_topology(channel, topology)
+        await declare_topology(channel, topology, bounds)
         try:
             queue = await channel.declare_queue(
                 queue_name, durable=True, arguments=work_queue_arguments(topology)

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from callpipe.kept_queues import bounds_of
 from callpipe.settings import Settings
 from ingress.auth import TokenMap
 from ingress.broker_link import BrokerLink
@@ -75,7 +76,9 @@ def init_app(settings: Settings) -> web.Application:
     if not tokens:
         raise ValueError("CALLPIPE_TOKENS is empty: set it to project:token[,project:token...]")
     app = web.Application(middlewares=[count_and_explain])
-    broker = BrokerLink(settings.amqp_url, settings.topology, settings.publish_timeout_s)
+    broker = BrokerLink(
+        settings.amqp_url, settings.topology, settings.publish_timeout_s, bounds_of(settings)
+    )
     # Room means room for the largest body, with its headers.
     spool = Spool(settings.spool_path, settings.spool_max_bytes, settings.max_body_bytes + 4096)
     relay = WebhookRelay(broker, spool, settings.confirm_deadline_s)

@@ -11,6 +11,7 @@ from typing import Any
 from aio_pika.abc import AbstractRobustConnection
 
 from callpipe.broker import ConfirmedPublisher, PublishFailedError, connect, declare_topology
+from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds
 from callpipe.retry import MAX_DELAY_S
 from schemas.topology import Topology
 
@@ -18,9 +19,16 @@ log = logging.getLogger(__name__)
 
 
 class BrokerLink:
-    def __init__(self, amqp_url: str, topology: Topology, publish_timeout_s: float) -> None:
+    def __init__(
+        self,
+        amqp_url: str,
+        topology: Topology,
+        publish_timeout_s: float,
+        bounds: KeptQueueBounds = DEFAULT_BOUNDS,
+    ) -> None:
         self._amqp_url = amqp_url
         self._topology = topology
+        self._bounds = bounds
         self._publish_timeout_s = publish_timeout_s
         self._connection: AbstractRobustConnection | None = None
         self._publisher: ConfirmedPublisher | None = None
@@ -50,7 +58,7 @@ class BrokerLink:
         connection = await connect(self._amqp_url, name="callpipe-ingress")
         self._connection = connection
         channel = await connection.channel()
-        await declare_topology(channel, self._topology)
+        await declare_topology(channel, self._topology, self._bounds)
         await channel.close()
         self._publisher = await ConfirmedPublisher.open(connection, self._publish_timeout_s)
         log.info("ingress connected to the broker")
@@ -61,7 +69,7 @@ class BrokerLink:
             return
         try:
             channel = await self._connection.channel()
-            await declare_topology(channel, self._topology)
+            await declare_topology(channel, self._topology, self._bounds)
             await channel.close()
         except Exception as exc:
             log.warning("could not declare the topology again: %r", exc)

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from callpipe.broker import ConfirmedPublisher, connect, declare_topology, work_queue_arguments
+from callpipe.kept_queues import bounds_of
 from callpipe.retry import StoppedError
 from callpipe.settings import Settings
 from schemas import codec
@@ -66,7 +67,7 @@ async def _start(
     publisher = await ConfirmedPublisher.open(publish_conn, settings.publish_timeout_s)
     shared = SinkResources(database=database, time_zone=settings.time_zone)
 
-    await declare_topology(await consume_conn.channel(), topology)
+    await declare_topology(await consume_conn.channel(), topology, bounds_of(settings))
     consumers = []
     for config in configs:
         channel = await consume_conn.channel()

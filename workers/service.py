@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack
 import asyncpg
 
 from callpipe.broker import ConfirmedPublisher, connect, declare_topology, work_queue_arguments
+from callpipe.kept_queues import bounds_of
 from callpipe.retry import StoppedError, retry_until_done
 from callpipe.settings import Settings
 from schemas.topology import Kind
@@ -85,7 +86,7 @@ async def _start(
     resources.push_async_callback(close_quietly, pool.close)
 
     channel = await consume_conn.channel()
-    await declare_topology(channel, topology)
+    await declare_topology(channel, topology, bounds_of(settings))
     await channel.set_qos(prefetch_count=settings.prefetch)
     queue = await channel.declare_queue(
         topology.call_queue(kind), durable=True, arguments=work_queue_arguments(topology)
