@@ -1,4 +1,11 @@
-"""The consume loop: one place decides ack, retry or dead-letter for every delivery."""
+"""The consume loop: deliveries are stored in batches, and one place decides ack, retry or
+dead-letter for each.
+
+Batches form by themselves: a batch takes every delivery that is waiting (up to `batch_max`)
+when a slot frees up, so a quiet queue is stored one webhook at a time with no added wait,
+and a busy one in batches as large as the load makes them. Two batches run at once: one is
+in the database while the next one gathers.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,15 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any
+from collections import deque
+from collections.abc import Sequence
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from callpipe.broker import ConfirmedPublisher, PublishFailedError, plain_headers
-from schemas import codec
-from schemas.topology import HEADER_ERROR, Kind, Topology
-from workers.delivery import decode_delivery
+from callpipe.broker import plain_headers
+from schemas.topology import Kind
+from workers.batch import halves
+from workers.delivery import ReceivedWebhook, decode_delivery
 from workers.errors import (
     Action,
     PermanentError,
@@ -23,53 +31,22 @@ from workers.errors import (
     backoff_delay,
     decide,
 )
-from workers.events import routing_key_of
 from workers.failpoints import failpoint
 from workers.metrics import KindMetrics
+from workers.outbox import OutboxRelay
 from workers.pipeline import Pipeline
-from workers.storage import Recorded
+from workers.publishing import AmqpEventPublisher
 
 log = logging.getLogger(__name__)
 
 CANCEL_TIMEOUT_S = 3.0
+PARALLEL_BATCHES = 2
 
-
-class AmqpEventPublisher:
-    """Events go to `{ns}.events`; no subscriber yet is fine, so not mandatory."""
-
-    def __init__(self, publisher: ConfirmedPublisher, topology: Topology) -> None:
-        self._publisher = publisher
-        self._topology = topology
-
-    async def publish_event(self, event: dict[str, Any]) -> None:
-        try:
-            await self._publisher.publish(
-                self._topology.events_exchange,
-                routing_key_of(event),
-                codec.dumps(event),
-                message_id=str(event["event_id"]),
-                mandatory=False,
-            )
-        except PublishFailedError as exc:
-            raise TransientError(f"event not confirmed: {exc}") from exc
-
-    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        """Keep a message that can never be processed in `{ns}.dead`, with the reason."""
-        headers = {**(message.headers or {}), HEADER_ERROR: reason[:1000]}
-        try:
-            await self._publisher.publish(
-                self._topology.dead_exchange,
-                message.routing_key or "",
-                message.body,
-                message_id=message.message_id or "",
-                headers=headers,
-            )
-        except PublishFailedError as exc:
-            raise TransientError(f"dead letter not confirmed: {exc}") from exc
+Item = tuple[AbstractIncomingMessage, ReceivedWebhook]
 
 
 class CallConsumer:
-    """Consumes one call queue, up to `prefetch` deliveries at a time."""
+    """Consumes one call queue: up to `prefetch` deliveries held, stored in batches."""
 
     def __init__(
         self,
@@ -77,39 +54,51 @@ class CallConsumer:
         kind: Kind,
         pipeline: Pipeline,
         publisher: AmqpEventPublisher,
+        relay: OutboxRelay,
         policy: RetryPolicy,
         metrics: KindMetrics,
+        batch_max: int,
     ) -> None:
         self._queue = queue
         self._kind = kind
         self._pipeline = pipeline
         self._publisher = publisher
+        self._relay = relay
         self._policy = policy
         self._metrics = metrics
+        self._batch_max = max(1, batch_max)
         self._consuming = False
         self._stopping = asyncio.Event()
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._waiting: deque[AbstractIncomingMessage] = deque()
+        self._arrived = asyncio.Event()
+        self._batches: set[asyncio.Task[None]] = set()
         self._random = random.Random()
 
     async def run(self, stop: asyncio.Event, shutdown_timeout_s: float) -> None:
-        """Consume until `stop` is set, then finish (and ack) what is in flight."""
-        tag = await self._queue.consume(self._on_message)
-        self._consuming = True
-        log.info("worker %s consuming %s", self._kind, self._queue.name)
-        await stop.wait()
-        self._stopping.set()
-        self._consuming = False
+        """Consume until `stop` is set, then finish (and ack) what is held."""
+        dispatching = asyncio.create_task(self._dispatch(), name=f"batches-{self._kind}")
         try:
-            # Cancelling waits for the channel; while the broker is away that would be forever.
-            async with asyncio.timeout(CANCEL_TIMEOUT_S):
-                await self._queue.cancel(tag)
-        except Exception as exc:  # the broker is gone: its unacked deliveries return anyway
-            log.warning("worker %s could not cancel its consumer: %r", self._kind, exc)
-        if self._in_flight:
-            log.info(
-                "worker %s finishing %d in-flight deliveries", self._kind, len(self._in_flight)
-            )
-            await asyncio.wait(set(self._in_flight), timeout=shutdown_timeout_s)
+            tag = await self._queue.consume(self._on_message)
+            self._consuming = True
+            log.info("worker %s consuming %s", self._kind, self._queue.name)
+            await stop.wait()
+            self._stopping.set()
+            self._consuming = False
+            try:
+                # Cancelling waits for the channel; while the broker is away that is forever.
+                async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                    await self._queue.cancel(tag)
+            except Exception as exc:  # the broker is gone: its unacked deliveries return anyway
+                log.warning("worker %s could not cancel its consumer: %r", self._kind, exc)
+            held = len(self._waiting) + len(self._metrics.in_flight.taken_at)
+            if held:
+                log.info("worker %s finishing %d held deliveries", self._kind, held)
+            self._arrived.set()
+            await asyncio.wait({dispatching}, timeout=shutdown_timeout_s)
+        finally:
+            dispatching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatching
 
     @property
     def not_consuming(self) -> str | None:
@@ -121,84 +110,135 @@ class CallConsumer:
         return None
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        # A dropped channel cancels aio-pika's task for this delivery. The work must not stop
-        # between the event's confirm and the commit (it would be published again on the
-        # redelivery): it runs in a task of ours, and only its ack may then fail (stale tag).
-        task = asyncio.create_task(self._tracked(message))
-        self._in_flight.add(task)
-        await asyncio.shield(task)
+        # Only queued here: the work runs in tasks of ours, so a dropped channel (which cancels
+        # aio-pika's delivery tasks) cannot cut a batch between its commit and its acks.
+        self._metrics.in_flight.take(message)
+        self._waiting.append(message)
+        self._arrived.set()
 
-    async def _tracked(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._metrics.in_flight.take(task)
-        started = time.monotonic()
-        try:
-            await self._handle(message)
-        finally:
-            self._in_flight.discard(task)
-            self._metrics.in_flight.settle(task)
-            self._metrics.processing_seconds.observe(time.monotonic() - started)
+    async def _dispatch(self) -> None:
+        """Start a batch of everything waiting whenever a slot is free; after a stop, finish
+        what is held and return."""
+        slots = asyncio.Semaphore(PARALLEL_BATCHES)
+        while True:
+            if not self._waiting:
+                if self._stopping.is_set():
+                    break
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await slots.acquire()
+            count = min(len(self._waiting), self._batch_max)
+            batch = [self._waiting.popleft() for _ in range(count)]
+            task = asyncio.create_task(self._run_batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+            task.add_done_callback(lambda _: slots.release())
+        if self._batches:
+            await asyncio.wait(set(self._batches))
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _run_batch(self, messages: list[AbstractIncomingMessage]) -> None:
+        items: list[Item] = []
+        for message in messages:
+            try:
+                items.append(
+                    (
+                        message,
+                        decode_delivery(message.body, plain_headers(message.headers), self._kind),
+                    )
+                )
+            except PermanentError as exc:
+                await self._give_up(message, exc)
+        if items:
+            await self._store(items)
+
+    async def _store(self, items: Sequence[Item]) -> None:
+        """Store a batch; a transient failure retries it whole, any other failure splits it
+        until the delivery that fails is alone, and that one is retried or dead-lettered."""
         failures = unexpected = 0
         while True:
-            error: Exception | None = None
-            recorded: Recorded | None = None
             try:
-                webhook = decode_delivery(message.body, plain_headers(message.headers), self._kind)
-                recorded = await self._pipeline.process(webhook)
+                stored = await self._pipeline.process([webhook for _, webhook in items])
             except Exception as exc:
-                error = exc
                 failures += 1
+                if not isinstance(exc, TransientError) and len(items) > 1:
+                    first, second = halves(items)
+                    log.warning(
+                        "a batch of %d failed (%s: %s); storing it in halves",
+                        len(items),
+                        type(exc).__name__,
+                        exc,
+                    )
+                    await self._store(first)
+                    await self._store(second)
+                    return
                 if not isinstance(exc, TransientError | PermanentError):
                     unexpected += 1
-            action = decide(error, unexpected, self._policy)
-            if action is Action.DEAD_LETTER and error is not None:
-                action = await self._dead_letter(message, error)
-            if action is Action.ACK:
-                failpoint("consumer.before_ack", message.message_id or "")
-                await _settle(message.ack())
-                self._count_ack(recorded)
-                return
-            self._metrics.retries.inc()
-            log.warning(
-                "delivery %s failed (attempt %d), retrying: %s",
-                message.message_id,
-                failures,
-                error,
-                exc_info=not isinstance(error, TransientError),
-            )
-            if self._stopping.is_set():
-                # Shutting down: hand it back to the broker for another worker.
-                await _settle(message.nack(requeue=True))
-                return
-            delay = backoff_delay(failures, self._policy, self._random)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                action = decide(exc, unexpected, self._policy)
+                if action is Action.DEAD_LETTER:
+                    await self._give_up(items[0][0], exc)
+                    return
+                if not await self._wait_to_retry(items, failures, exc):
+                    return
+                continue
+            self._relay.hand_over(stored.events)
+            failpoint("consumer.before_ack", ",".join(webhook.event_id for _, webhook in items))
+            for (message, _), recorded in zip(items, stored.recorded, strict=True):
+                await self._settle(message, ack=True)
+                (self._metrics.processed if recorded.stored else self._metrics.duplicates).inc()
+            return
 
-    def _count_ack(self, recorded: Recorded | None) -> None:
-        """An ack follows a stored webhook, a duplicate, or (nothing recorded) a dead letter."""
-        if recorded is None:
-            self._metrics.dead_lettered.inc()
-        elif recorded.stored:
-            self._metrics.processed.inc()
-        else:
-            self._metrics.duplicates.inc()
+    async def _wait_to_retry(self, items: Sequence[Item], failures: int, error: Exception) -> bool:
+        """Back off before the next attempt; False (the deliveries handed back) when stopping."""
+        self._metrics.retries.inc(len(items))
+        log.warning(
+            "%s failed (attempt %d), retrying: %s",
+            f"delivery {items[0][1].event_id}" if len(items) == 1 else f"a batch of {len(items)}",
+            failures,
+            error,
+            exc_info=not isinstance(error, TransientError),
+        )
+        if self._stopping.is_set():
+            # Shutting down: hand them back to the broker for another worker.
+            for message, _ in items:
+                await self._settle(message, ack=False)
+            return False
+        delay = backoff_delay(failures, self._policy, self._random)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        return True
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, error: Exception) -> Action:
+    async def _give_up(self, message: AbstractIncomingMessage, error: Exception) -> None:
+        """Keep a delivery that can never be stored in `{ns}.dead`, then ack it; while the
+        dead letter is not confirmed, keep trying (or hand it back when stopping)."""
         reason = f"{type(error).__name__}: {error}"
-        try:
-            await self._publisher.dead_letter(message, reason)
-        except TransientError:
-            return Action.RETRY
+        failures = 0
+        while True:
+            try:
+                await self._publisher.dead_letter(message, reason)
+                break
+            except TransientError as exc:
+                failures += 1
+                self._metrics.retries.inc()
+                log.warning("delivery %s not dead-lettered yet: %s", message.message_id, exc)
+                if self._stopping.is_set():
+                    await self._settle(message, ack=False)
+                    return
+                delay = backoff_delay(failures, self._policy, self._random)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
         log.error("delivery %s dead-lettered: %s", message.message_id, reason)
-        return Action.ACK
+        await self._settle(message, ack=True)
+        self._metrics.dead_lettered.inc()
 
-
-async def _settle(settlement: Any) -> None:
-    """Ack or nack; after a reconnect the delivery tag is stale and the broker redelivers."""
-    try:
-        await settlement
-    except Exception as exc:
-        log.warning("could not settle delivery (the broker will redeliver it): %s", exc)
+    async def _settle(self, message: AbstractIncomingMessage, *, ack: bool) -> None:
+        """Ack, or hand back; after a reconnect the delivery tag is stale and the broker
+        redelivers anyway."""
+        taken_at = self._metrics.in_flight.taken_at.get(message)
+        self._metrics.in_flight.settle(message)
+        if taken_at is not None:
+            self._metrics.processing_seconds.observe(time.monotonic() - taken_at)
+        try:
+            await (message.ack() if ack else message.nack(requeue=True))
+        except Exception as exc:
+            log.warning("could not settle delivery (the broker will redeliver it): %s", exc)

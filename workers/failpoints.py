@@ -4,9 +4,10 @@
 (after_n + 1)-th time it reaches the point `name` (after_n defaults to 0). No cleanup runs,
 as in a power cut of the worker alone; the broker and the database see a dead peer.
 
-Points: `store.after_confirm` (the event confirmed, not yet marked published),
-`store.before_commit` (marked, the transaction not committed), `consumer.before_ack`
-(committed, the delivery not acked).
+Points: `store.before_commit` (a batch's rows and events written, not committed),
+`consumer.before_ack` (committed, the deliveries not acked), `outbox.after_confirm` (events
+confirmed by the broker, not yet marked published), `stale.after_confirm`. The line written
+before the kill names the event ids concerned, separated by commas.
 """
 
 from __future__ import annotations

@@ -14,12 +14,14 @@ from callpipe.kept_queues import bounds_of
 from callpipe.retry import StoppedError, retry_until_done
 from callpipe.settings import Settings
 from schemas.topology import Kind
-from workers.consumer import AmqpEventPublisher, CallConsumer
+from workers.consumer import PARALLEL_BATCHES, CallConsumer
 from workers.errors import RetryPolicy
 from workers.health import WorkerMonitor
 from workers.metrics import KindMetrics
 from workers.migrate import migrate
+from workers.outbox import OutboxRelay, RelaySettings
 from workers.pipeline import Pipeline
+from workers.publishing import AmqpEventPublisher
 from workers.stale import StaleSweeper, start_sweeping
 from workers.stale_store import PostgresStaleStore
 from workers.storage import PostgresCallStore, create_pool
@@ -57,12 +59,22 @@ async def run_worker(
         health = monitor.watch(kind, settings.database_url)
         resources.callback(monitor.forget, health)
         try:
-            consumer = await _start(settings, kind, stop, resources, monitor.metrics.of(kind))
+            consumer, relay = await _start(
+                settings, kind, stop, resources, monitor.metrics.of(kind)
+            )
         except StoppedError:
             log.info("worker %s stopped while starting", kind)
             return
         health.consumer = consumer
-        await consumer.run(stop, settings.shutdown_timeout_s)
+        # The relay outlives the consumer: what the last batches committed is published too.
+        relay_stop = asyncio.Event()
+        relaying = asyncio.create_task(relay.run(relay_stop, settings.shutdown_timeout_s))
+        try:
+            await consumer.run(stop, settings.shutdown_timeout_s)
+        finally:
+            relay_stop.set()
+            await asyncio.wait({relaying}, timeout=settings.shutdown_timeout_s + CLOSE_TIMEOUT_S)
+            relaying.cancel()
     log.info("worker %s stopped", kind)
 
 
@@ -72,7 +84,7 @@ async def _start(
     stop: asyncio.Event,
     resources: AsyncExitStack,
     metrics: KindMetrics,
-) -> CallConsumer:
+) -> tuple[CallConsumer, OutboxRelay]:
     topology = settings.topology
     await migrate_when_up(settings, stop)
     # Separate connections: a blocked publisher (broker alarm) must not freeze the acks.
@@ -82,7 +94,8 @@ async def _start(
         settings.amqp_url, name=f"callpipe-worker-{kind}-publish", stop=stop
     )
     resources.push_async_callback(close_quietly, publish_conn.close)
-    pool = await create_pool(settings.database_url, settings.namespace, min(settings.prefetch, 10))
+    # A connection per batch in flight, one for the relay, one for the stale sweep.
+    pool = await create_pool(settings.database_url, settings.namespace, PARALLEL_BATCHES + 2)
     resources.push_async_callback(close_quietly, pool.close)
 
     channel = await consume_conn.channel()
@@ -94,11 +107,10 @@ async def _start(
     publisher = await ConfirmedPublisher.open(publish_conn, settings.publish_timeout_s)
     events = AmqpEventPublisher(publisher, topology)
     pipeline = Pipeline(
-        store=PostgresCallStore(pool),
-        events=events,
-        region=settings.default_region,
-        tz=settings.time_zone,
+        store=PostgresCallStore(pool), region=settings.default_region, tz=settings.time_zone
     )
+    batch_max = max(1, settings.prefetch // PARALLEL_BATCHES)
+    relay = OutboxRelay(pool, events, RelaySettings(batch_max=batch_max))
     if kind == "start":
         # Calls whose end never came are found by each start worker: no process to add for
         # ops, and replicas sweep side by side (rows are taken with SKIP LOCKED).
@@ -106,7 +118,10 @@ async def _start(
             PostgresStaleStore(pool), events, settings.stale_after_min, settings.stale_sweep_s
         )
         start_sweeping(sweeper, stop, resources, settings.shutdown_timeout_s)
-    return CallConsumer(queue, kind, pipeline, events, RetryPolicy(), metrics)
+    consumer = CallConsumer(
+        queue, kind, pipeline, events, relay, RetryPolicy(), metrics, batch_max=batch_max
+    )
+    return consumer, relay
 
 
 async def close_quietly(close: Callable[[], Awaitable[object]]) -> None:

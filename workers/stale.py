@@ -14,7 +14,6 @@ from typing import Any, Protocol
 from schemas.events import STALE_EVENT_TYPE, CallEvent, CallFields
 from schemas.topology import stale_event_id
 from workers.errors import PermanentError, TransientError
-from workers.pipeline import EventPublisher
 from workers.stale_store import StaleRenderer
 from workers.storage import EventSender
 
@@ -38,6 +37,12 @@ def build_stale_event(project: str, call: CallFields, raw: dict[str, Any]) -> Ca
         call=call,
         raw=raw,
     )
+
+
+class EventPublisher(Protocol):
+    """The port that sends an envelope to `{ns}.events`; raises `TransientError`."""
+
+    async def publish_event(self, event: dict[str, Any]) -> None: ...
 
 
 class StaleStore(Protocol):

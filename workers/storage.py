@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -10,9 +10,11 @@ from typing import Any, Protocol
 import asyncpg
 
 from schemas import codec
-from schemas.events import CallEvent, CallFields
+from schemas.events import CallFields
+from workers.batch import call_key, caller_key, first_of_each, lock_ids, rounds
 from workers.delivery import ReceivedWebhook
 from workers.errors import PermanentError, TransientError
+from workers.events import OutboxEvent, Row
 from workers.failpoints import failpoint
 
 # Columns merged per the rule: a non-empty value from the call end wins over the call
@@ -71,29 +73,36 @@ RETURNED_COLUMNS: tuple[str, ...] = (
 
 REPEAT_WINDOW = "30 days"
 
+# A batch travels as one JSON array of rows (one parameter, encoded once), read back into
+# typed columns by `jsonb_to_recordset`.
+_CALL_ROW_TYPES = {"project": "text", "call_id": "text", "received_at": "timestamptz"}
+_CALL_ROW_TYPES.update(MERGED_COLUMNS)
+
 
 def _upsert_calls_sql() -> str:
     names = list(MERGED_COLUMNS)
-    # $1 project, $2 call_id, $3 is_end, $4 received_at, then the merged columns.
-    values = [f"${i}::{MERGED_COLUMNS[name]}" for i, name in enumerate(names, start=5)]
-    caller, called_at = values[names.index("caller")], values[names.index("called_at")]
+    columns = ", ".join(f"{name} {kind}" for name, kind in _CALL_ROW_TYPES.items())
+    # Only a call end sets `end_received_at`, so the conflict clause can tell which half came.
+    is_end = "EXCLUDED.end_received_at IS NOT NULL"
     merges = ",\n    ".join(
-        f"{name} = CASE WHEN $3 THEN COALESCE(EXCLUDED.{name}, c.{name})"
+        f"{name} = CASE WHEN {is_end} THEN COALESCE(EXCLUDED.{name}, c.{name})"
         f" ELSE COALESCE(c.{name}, EXCLUDED.{name}) END"
         for name in names
     )
     return f"""
 INSERT INTO calls AS c (project, call_id, {", ".join(names)},
     start_received_at, end_received_at, previous_calls, is_repeat_caller)
-SELECT $1::text, $2::text, {", ".join(values)},
-    CASE WHEN $3 THEN NULL ELSE $4::timestamptz END,
-    CASE WHEN $3 THEN $4::timestamptz END,
+SELECT v.project, v.call_id, {", ".join(f"v.{name}" for name in names)},
+    CASE WHEN v.kind = 'start' THEN v.received_at END,
+    CASE WHEN v.kind = 'end' THEN v.received_at END,
     earlier.n, earlier.n > 0
-FROM (
+FROM jsonb_to_recordset($1::jsonb) AS v(kind text, {columns})
+CROSS JOIN LATERAL (
     SELECT count(*)::int AS n FROM calls e
-    WHERE e.project = $1 AND e.caller = {caller} AND e.call_id <> $2
-      AND e.called_at >= {called_at} - interval '{REPEAT_WINDOW}' AND e.called_at < {called_at}
+    WHERE e.project = v.project AND e.caller = v.caller AND e.call_id <> v.call_id
+      AND e.called_at >= v.called_at - interval '{REPEAT_WINDOW}' AND e.called_at < v.called_at
 ) AS earlier
+ORDER BY v.project, v.call_id
 ON CONFLICT (project, call_id) DO UPDATE SET
     {merges},
     -- Counted once, when the row first knows its caller and time (whichever half brings them).
@@ -106,12 +115,33 @@ ON CONFLICT (project, call_id) DO UPDATE SET
     -- Each webhook's event id is claimed once, so a call is updated at most once: revision 2.
     revision = c.revision + 1,
     updated_at = now()
-RETURNING {", ".join(RETURNED_COLUMNS)}
+RETURNING project, {", ".join(RETURNED_COLUMNS)}
 """
 
 
 UPSERT_CALLS = _upsert_calls_sql()
 
+# Every call and caller of the batch, in the one order all workers lock in (workers/batch.py).
+LOCK_KEYS = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k"
+
+CLAIM_EVENTS = """
+INSERT INTO call_events (event_id, project, call_id, kind, received_at, payload)
+SELECT v.event_id, v.project, v.call_id, v.kind, v.received_at, v.payload
+FROM jsonb_to_recordset($1::jsonb)
+    AS v(event_id text, project text, call_id text, kind text, received_at timestamptz,
+         payload jsonb)
+ORDER BY v.event_id
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+
+SET_EVENTS = """
+UPDATE call_events AS e SET event = v.event::jsonb
+FROM unnest($1::text[], $2::text[]) AS v(event_id, event)
+WHERE e.event_id = v.event_id
+"""
+
+# One webhook at a time (the stale sweep).
 CLAIM_EVENT = """
 INSERT INTO call_events (event_id, project, call_id, kind, received_at, payload)
 VALUES ($1, $2, $3, $4, $5, $6)
@@ -119,40 +149,32 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
 
-LOCK_CALLER = "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0))"
-
 SET_EVENT_PUBLISHED = """
 UPDATE call_events SET event = $2, published_at = clock_timestamp() WHERE event_id = $1
 """
 
-LOCK_UNPUBLISHED = """
-SELECT event FROM call_events
-WHERE event_id = $1 AND published_at IS NULL AND event IS NOT NULL
-FOR UPDATE
-"""
-
-MARK_PUBLISHED = "UPDATE call_events SET published_at = clock_timestamp() WHERE event_id = $1"
-
-EventRenderer = Callable[[CallFields], CallEvent]
 EventSender = Callable[[dict[str, Any]], Awaitable[None]]
+# The event of a webhook from its merged row (RETURNED_COLUMNS, typed by PostgreSQL).
+EventRenderer = Callable[[ReceivedWebhook, Row], OutboxEvent]
 
 
 @dataclass(frozen=True)
 class Recorded:
     stored: bool  # False: a duplicate or a redelivery of a stored webhook
-    published: bool  # False: its event had been published before
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    recorded: list[Recorded]  # one per webhook, in order
+    events: list[OutboxEvent]  # the events committed with it, to publish
 
 
 class CallStore(Protocol):
     """The storage port the pipeline needs."""
 
     async def record(
-        self,
-        webhook: ReceivedWebhook,
-        call: CallFields,
-        render: EventRenderer,
-        send: EventSender,
-    ) -> Recorded: ...
+        self, items: Sequence[tuple[ReceivedWebhook, CallFields]], render: EventRenderer
+    ) -> StoredBatch: ...
 
 
 # Trouble that passes: lost connections, failover, restarts, full disks, rotated passwords,
@@ -171,6 +193,9 @@ _TRANSIENT = (
     asyncpg.TransactionRollbackError,
     asyncpg.UndefinedTableError,
 )
+
+# What the outbox relay survives: anything the database says; it tries again later.
+DATABASE_TROUBLE = (*_TRANSIENT, asyncpg.PostgresError)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -212,65 +237,48 @@ class PostgresCallStore:
         self._pool = pool
 
     async def record(
-        self,
-        webhook: ReceivedWebhook,
-        call: CallFields,
-        render: EventRenderer,
-        send: EventSender,
-    ) -> Recorded:
-        """Store the webhook once and publish its event once.
+        self, items: Sequence[tuple[ReceivedWebhook, CallFields]], render: EventRenderer
+    ) -> StoredBatch:
+        """Store a batch of webhooks in one transaction, each once, with its event.
 
-        A first delivery claims the event id, merges the call row and publishes the event in
-        one transaction: the commit comes after the broker's confirm, so a failure anywhere
-        leaves nothing behind and the redelivery starts over. A duplicate or a redelivery
-        finds the id claimed and publishes the event only if it is still unpublished.
+        Each webhook's event id is claimed; the claimed ones merge their call rows (in rounds,
+        see workers/batch.py) and their events, rendered from the merged rows, are written to
+        `call_events.event` in the same transaction: the outbox. Nothing waits for the broker
+        here; the relay publishes the events after the commit. A failure rolls the whole batch
+        back, and the redelivery starts over.
         """
+        webhooks = [webhook for webhook, _ in items]
+        firsts = first_of_each([webhook.event_id for webhook in webhooks])
         async with self._transaction() as conn:
-            if call.caller is not None:
-                # Calls from one number are counted one at a time, so that two of them arriving
-                # together still see each other in `previous_calls`.
-                await conn.execute(LOCK_CALLER, webhook.project, call.caller)
-            claimed = await conn.fetchval(
-                CLAIM_EVENT,
-                webhook.event_id,
-                webhook.project,
-                webhook.call_id,
-                webhook.kind,
-                webhook.received_at,
-                webhook.document,
-            )
-            if claimed is not None:
-                row = await conn.fetchrow(
-                    UPSERT_CALLS,
-                    webhook.project,
-                    webhook.call_id,
-                    webhook.kind == "end",
-                    webhook.received_at,
-                    *(getattr(call, name) for name in MERGED_COLUMNS),
+            await conn.execute(LOCK_KEYS, lock_ids([_keys(*items[i]) for i in firsts]))
+            claimed = {
+                row["event_id"]
+                for row in await conn.fetch(CLAIM_EVENTS, [_claim_row(webhooks[i]) for i in firsts])
+            }
+            new = [i for i in firsts if webhooks[i].event_id in claimed]
+            rendered: dict[int, OutboxEvent] = {}
+            for round_ in rounds([_keys(*items[i]) for i in new]):
+                batch = [(new[j], *items[new[j]]) for j in round_]
+                merged = {
+                    (row["project"], row["call_id"]): row
+                    for row in await conn.fetch(
+                        UPSERT_CALLS, [_call_row(webhook, call) for _, webhook, call in batch]
+                    )
+                }
+                for index, webhook, _ in batch:
+                    row = merged[(webhook.project, webhook.call_id)]
+                    # The event is the whole truth: the merged row, not only this webhook's part.
+                    rendered[index] = render(webhook, row)
+            events = [rendered[index] for index in sorted(rendered)]  # in arrival order
+            if events:
+                await conn.execute(
+                    SET_EVENTS,
+                    [event.event_id for event in events],
+                    [event.body.decode() for event in events],
                 )
-                assert row is not None
-                # The event is the whole truth: the merged row, not only this webhook's part.
-                merged = CallFields.model_validate(dict(row))
-                event = render(merged).to_json_dict()
-                # The claimed row is this transaction's until commit: nobody else publishes it.
-                await send(event)
-                failpoint("store.after_confirm", webhook.event_id)
-                await conn.execute(SET_EVENT_PUBLISHED, webhook.event_id, event)
-                failpoint("store.before_commit", webhook.event_id)
-                return Recorded(stored=True, published=True)
-        published = await self._publish_pending(webhook.event_id, send)
-        return Recorded(stored=False, published=published)
-
-    async def _publish_pending(self, event_id: str, send: EventSender) -> bool:
-        """A stored event not yet published (stored by an older version, or by hand) is sent
-        now, holding its row lock so that concurrent redeliveries send it once."""
-        async with self._transaction() as conn:
-            event = await conn.fetchval(LOCK_UNPUBLISHED, event_id)
-            if event is None:
-                return False
-            await send(event)
-            await conn.execute(MARK_PUBLISHED, event_id)
-            return True
+                failpoint("store.before_commit", ",".join(event.event_id for event in events))
+        stored = set(new)
+        return StoredBatch([Recorded(stored=i in stored) for i in range(len(webhooks))], events)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
@@ -284,3 +292,30 @@ class PostgresCallStore:
             raise PermanentError(
                 f"database refused the data: {type(exc).__name__} ({exc.sqlstate})"
             ) from exc
+
+
+def _keys(webhook: ReceivedWebhook, call: CallFields) -> list[str]:
+    keys = [call_key(webhook.project, webhook.call_id)]
+    if call.caller is not None:
+        # Calls from one number are counted one at a time, so that two of them arriving
+        # together still see each other in `previous_calls`.
+        keys.append(caller_key(webhook.project, call.caller))
+    return keys
+
+
+def _claim_row(webhook: ReceivedWebhook) -> dict[str, Any]:
+    return {
+        "event_id": webhook.event_id,
+        "project": webhook.project,
+        "call_id": webhook.call_id,
+        "kind": webhook.kind,
+        "received_at": webhook.received_at,
+        "payload": webhook.document,
+    }
+
+
+def _call_row(webhook: ReceivedWebhook, call: CallFields) -> dict[str, Any]:
+    row = {name: getattr(call, name) for name in MERGED_COLUMNS}
+    row.update(project=webhook.project, call_id=webhook.call_id, kind=webhook.kind)
+    row["received_at"] = webhook.received_at
+    return row

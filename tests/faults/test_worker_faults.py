@@ -8,12 +8,12 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
+import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from callpipe_testing import TcpProxy, wait_for
@@ -26,7 +26,7 @@ from schemas import codec
 from schemas.topology import DELIVERY_LIMIT, Topology
 from workers.delivery import decode_delivery
 from workers.enrich import enrich
-from workers.events import build_event
+from workers.events import render_outbox
 from workers.service import run_worker
 from workers.storage import PostgresCallStore, create_pool
 
@@ -415,19 +415,12 @@ async def test_stored_but_unpublished_event_is_published_on_redelivery(
     events: Collector = await subscribe(settings.topology.events_exchange, "call.#")
     message = webhook("half-done")
     pool = await create_pool(settings.database_url, settings.namespace, 2)
-    sent: list[dict[str, Any]] = []
-
-    async def lost_in_the_crash(event: dict[str, Any]) -> None:
-        sent.append(event)
-
     try:
         received = decode_delivery(message.body, plain_headers(message.headers), "end")
         call = enrich(received.payload, region="RU", tz=settings.time_zone)
-        store = PostgresCallStore(pool)
-        recorded = await store.record(
-            received, call, partial(build_event, received), lost_in_the_crash
-        )
-        assert recorded.stored
+        stored = await PostgresCallStore(pool).record([(received, call)], render_outbox)
+        assert stored.recorded[0].stored
+        sent = [orjson.loads(event.body) for event in stored.events]
     finally:
         await pool.close()
     await db.execute(f'UPDATE "{settings.namespace}".call_events SET published_at = NULL')
@@ -539,3 +532,62 @@ async def test_an_unexpected_error_is_retried_a_few_times_then_dead_lettered(
     assert await queue_depth(amqp, settings.topology.call_queue("end")) == 0
     assert await stored_calls(db, settings) == 1
     assert len(dead.messages) == 1
+
+
+@pytest.mark.parametrize(
+    ("errcode", "kind_of_error"),
+    [("22023", "DataError: refused"), ("P0001", "RaiseError: refused")],
+    ids=["refused-data", "unclassified-error"],
+)
+async def test_a_poison_webhook_in_a_batch_is_found_and_dead_lettered_and_the_rest_stored(
+    services: Services,
+    namespace: str,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    workers: Workers,
+    subscribe: Any,
+    errcode: str,
+    kind_of_error: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """40 webhooks wait in the queue and are taken in large batches; PostgreSQL refuses one
+    of them. The batch is split until that one is alone: it alone is dead-lettered (at once
+    when the database calls the data bad, after the policy's tries when nobody classified the
+    error), and the 39 others are stored and published once each."""
+    settings = make_settings(services, namespace, prefetch=128)
+    await db.execute(
+        f"""
+        CREATE FUNCTION "{namespace}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.call_id = 'b17' THEN
+                RAISE EXCEPTION 'refused' USING ERRCODE = '{errcode}';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON "{namespace}".calls
+            FOR EACH ROW EXECUTE FUNCTION "{namespace}".refuse();
+        """
+    )
+    events: Collector = await subscribe(settings.topology.events_exchange, "call.#")
+    dead: Collector = await subscribe(settings.topology.dead_exchange, "")
+    await publish(amqp, settings.topology, [webhook(f"b{n}") for n in range(40)])
+    workers.start(settings, "end")
+    await wait_for(lambda: _arrived(dead), what="the dead letter")
+    assert [m.message_id for m in dead.messages] == ["acme:b17:end"]
+    assert (
+        kind_of_error.split(":")[1].strip()
+        in plain_headers(dead.messages[0].headers)["x-callpipe-error"]
+    )
+
+    async def all_published() -> bool:
+        return await published_events(db, settings) == 39
+
+    await wait_for(all_published, what="the 39 healthy events published")
+    await events.settle(amqp, settings.topology.events_exchange, "call.ended.marker")
+    ids = [str(m.message_id) for m in events.messages]
+    assert sorted(ids) == sorted(f"acme:b{n}:end" for n in range(40) if n != 17)
+    await workers.stop_all()
+    assert await queue_depth(amqp, settings.topology.call_queue("end")) == 0
+    assert len(dead.messages) == 1
+    split = [r.getMessage() for r in caplog.records if "storing it in halves" in r.getMessage()]
+    assert split, "the poison was never in a batch with others"

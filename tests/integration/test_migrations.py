@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -17,7 +16,7 @@ from conftest import Services
 from schemas.topology import HEADER_KIND, HEADER_PROJECT, HEADER_RECEIVED_AT
 from workers.delivery import decode_delivery
 from workers.enrich import enrich
-from workers.events import build_event
+from workers.events import render_outbox
 from workers.migrate import MIGRATIONS_DIR, Connection, drop_schema, migrate
 from workers.storage import PostgresCallStore, create_pool
 
@@ -141,21 +140,15 @@ async def test_a_call_started_before_0002_ends_after_it_with_revision_2(
     body = orjson.dumps({"id": "old", "status": "ANSWER", "duration": 12})
     received = decode_delivery(body, headers, "end")
     call = enrich(received.payload, region="RU", tz=ZoneInfo("Europe/Moscow"))
-    sent: list[dict[str, Any]] = []
-
-    async def send(event: dict[str, Any]) -> None:
-        sent.append(event)
-
     pool = await create_pool(services.database_url, schema_at_0001, 2)
     try:
-        recorded = await PostgresCallStore(pool).record(
-            received, call, partial(build_event, received), send
-        )
+        stored = await PostgresCallStore(pool).record([(received, call)], render_outbox)
     finally:
         await pool.close()
 
-    assert recorded.stored
-    [event] = sent
+    assert stored.recorded[0].stored
+    [outbox] = stored.events
+    event = orjson.loads(outbox.body)
     assert event["call"]["revision"] == 2
     assert (event["call"]["caller"], event["call"]["status"]) == ("+79990009911", "ANSWER")
     assert event["call"]["roistat_param_1"] == "s1"

@@ -18,7 +18,7 @@ from conftest import Collector, Services, Workers, make_settings
 from callpipe.broker import ConfirmedPublisher, connect
 from callpipe.settings import Settings
 from schemas import codec
-from workers.consumer import AmqpEventPublisher
+from workers.publishing import AmqpEventPublisher
 from workers.stale import build_stale_event
 from workers.stale_store import PostgresStaleStore
 from workers.storage import create_pool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -9,12 +10,13 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
+from callpipe.sample import call_end, sample_call
 from schemas import codec
 from schemas.events import CallEvent, CallFields
 from schemas.topology import HEADER_KIND, HEADER_PROJECT, HEADER_RECEIVED_AT, Kind
 from workers.delivery import ReceivedWebhook, decode_delivery
 from workers.enrich import enrich
-from workers.events import build_event, routing_key_of
+from workers.events import build_event, render_outbox, routing_key_of
 
 DOCUMENT: dict[str, Any] = {
     "id": "2891473",
@@ -144,3 +146,46 @@ def test_routing_key_of_a_stored_envelope(
 )
 def test_routing_key_of_sparse_envelopes(event: dict[str, Any], routing_key: str) -> None:
     assert routing_key_of(event) == routing_key
+
+
+def _merged_row(call: CallFields, n: int) -> dict[str, Any]:
+    """A `calls` row as asyncpg returns it after the upsert: the webhook's fields plus the
+    storage-only ones, times with and without microseconds."""
+    row = call.model_dump()
+    row.update(
+        is_repeat_caller=n % 3 == 0,
+        previous_calls=n % 4,
+        revision=1 + n % 2,
+        start_received_at=datetime(2024, 3, 10, 11, 30, 1, 123456 * (n % 2), tzinfo=UTC),
+        end_received_at=None if n % 2 else datetime(2024, 3, 10, 11, 31, tzinfo=UTC),
+        stale_at=None,
+    )
+    return row
+
+
+@pytest.mark.parametrize(
+    "received_at", ["2024-03-10T11:30:05+00:00", "2024-03-10T14:30:05.5+03:00"]
+)
+def test_the_fast_envelope_is_byte_for_byte_the_models_envelope(received_at: str) -> None:
+    """The worker encodes events without the models; what it sends must not differ by a byte
+    from the model's envelope, over the sample generator's variety of calls."""
+    rng = random.Random(7)
+    callers = ["79990001122", "+380501234567", "anonymous", ""]
+    for n in range(200):
+        start = sample_call(rng, n, datetime(2024, 3, 10, 11, 30, tzinfo=UTC), callers)
+        document = start if n % 2 else call_end(rng, start)
+        if n % 5 == 0:
+            document["custom_fields"] = [{"k": n}] if n % 10 else {"deal": str(n)}
+        kind: Kind = "start" if n % 2 else "end"
+        webhook = decode_delivery(
+            orjson.dumps(document),
+            {HEADER_PROJECT: "shop", HEADER_KIND: kind, HEADER_RECEIVED_AT: received_at},
+            kind,
+        )
+        call = enrich(webhook.payload, region="RU", tz=ZoneInfo("Europe/Moscow"))
+        row = _merged_row(call, n)
+        fast = render_outbox(webhook, row)
+        model = build_event(webhook, CallFields.model_validate(row))
+        assert fast.body == codec.dumps(model.to_json_dict()), n
+        assert fast.event_id == model.event_id
+        assert fast.routing_key == routing_key_of(model.to_json_dict())

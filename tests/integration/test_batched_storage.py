@@ -1,0 +1,154 @@
+"""A batch stored in one transaction gives what storing its webhooks one by one would."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from callpipe.settings import Settings
+from schemas import codec
+from schemas.events import CallFields
+from schemas.topology import HEADER_KIND, HEADER_PROJECT, HEADER_RECEIVED_AT
+from workers.delivery import ReceivedWebhook, decode_delivery
+from workers.enrich import enrich
+from workers.errors import PermanentError
+from workers.events import render_outbox
+from workers.storage import PostgresCallStore, StoredBatch, create_pool
+
+T0 = datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
+
+
+def received(call_id: str, kind: str = "end", *, at: int = 0, **fields: Any) -> ReceivedWebhook:
+    headers = {
+        HEADER_PROJECT: "acme",
+        HEADER_KIND: kind,
+        HEADER_RECEIVED_AT: (T0 + timedelta(seconds=at)).isoformat(),
+    }
+    body = {"id": call_id, "caller": "79990001122", **fields}
+    if kind == "end":
+        body.setdefault("status", "ANSWER")
+    return decode_delivery(codec.dumps(body), headers, kind)  # type: ignore[arg-type]
+
+
+def items(*webhooks: ReceivedWebhook) -> list[tuple[ReceivedWebhook, CallFields]]:
+    return [(w, enrich(w.payload, region="RU", tz=Settings().time_zone)) for w in webhooks]
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[PostgresCallStore]:
+    pool = await create_pool(settings.database_url, settings.namespace, 4)
+    try:
+        yield PostgresCallStore(pool)
+    finally:
+        await pool.close()
+
+
+def revisions(stored: StoredBatch) -> list[tuple[str, int]]:
+    return [(e.event_id, orjson.loads(e.body)["call"]["revision"]) for e in stored.events]
+
+
+async def test_a_start_and_its_end_in_one_batch_give_one_row_and_two_revisions(
+    store: PostgresCallStore, db: asyncpg.Pool, settings: Settings
+) -> None:
+    stored = await store.record(
+        items(received("c1", "start", date="2026-11-25 10:00:00"), received("c1", "end", at=60)),
+        render_outbox,
+    )
+    assert [r.stored for r in stored.recorded] == [True, True]
+    assert revisions(stored) == [("acme:c1:start", 1), ("acme:c1:end", 2)]
+    ended = orjson.loads(stored.events[1].body)["call"]
+    assert ended["start_received_at"] == "2026-11-25T07:00:00Z"
+    assert ended["end_received_at"] == "2026-11-25T07:01:00Z"
+    assert ended["called_at"] == "2026-11-25T07:00:00Z"
+    row = await db.fetchrow(f'SELECT revision, status FROM "{settings.namespace}".calls')
+    assert row is not None and (row["revision"], row["status"]) == (2, "ANSWER")
+    stored_events = await db.fetchval(
+        f'SELECT count(*) FROM "{settings.namespace}".call_events WHERE event IS NOT NULL'
+    )
+    assert stored_events == 2
+
+
+async def test_repeat_calls_in_one_batch_see_each_other(store: PostgresCallStore) -> None:
+    batch = items(
+        *(received(f"r{n}", date=f"2026-11-25 10:0{n}:00") for n in range(3)),
+        received("other", caller="79990009999", date="2026-11-25 10:05:00"),
+    )
+    stored = await store.record(batch, render_outbox)
+    calls = [orjson.loads(e.body)["call"] for e in stored.events]
+    assert [(c["call_id"], c["previous_calls"]) for c in calls] == [
+        ("r0", 0),
+        ("r1", 1),
+        ("r2", 2),
+        ("other", 0),
+    ]
+    assert [c["is_repeat_caller"] for c in calls] == [False, True, True, False]
+
+
+async def test_a_webhook_twice_in_one_batch_and_again_later_is_stored_once(
+    store: PostgresCallStore, db: asyncpg.Pool, settings: Settings
+) -> None:
+    stored = await store.record(items(received("d"), received("d"), received("e")), render_outbox)
+    assert [r.stored for r in stored.recorded] == [True, False, True]
+    assert [e.event_id for e in stored.events] == ["acme:d:end", "acme:e:end"]
+    again = await store.record(items(received("d"), received("f")), render_outbox)
+    assert [r.stored for r in again.recorded] == [False, True]
+    assert [e.event_id for e in again.events] == ["acme:f:end"]
+    assert await db.fetchval(f'SELECT count(*) FROM "{settings.namespace}".calls') == 3
+
+
+async def refuse_call(db: asyncpg.Pool, namespace: str, call_id: str) -> None:
+    """Make PostgreSQL itself refuse one call's row, as it refuses data it cannot store."""
+    await db.execute(f"""
+        CREATE FUNCTION "{namespace}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.call_id = '{call_id}' THEN
+                RAISE EXCEPTION 'refused for the test' USING ERRCODE = '22023';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON "{namespace}".calls
+            FOR EACH ROW EXECUTE FUNCTION "{namespace}".refuse();
+    """)
+
+
+async def test_a_failing_batch_leaves_nothing_behind(
+    store: PostgresCallStore, db: asyncpg.Pool, settings: Settings
+) -> None:
+    await refuse_call(db, settings.namespace, "bad")
+    with pytest.raises(PermanentError, match="database refused the data"):
+        await store.record(items(received("ok"), received("bad")), render_outbox)
+    assert await db.fetchval(f'SELECT count(*) FROM "{settings.namespace}".call_events') == 0
+    assert await db.fetchval(f'SELECT count(*) FROM "{settings.namespace}".calls') == 0
+
+
+async def test_concurrent_batches_touching_the_same_calls_in_any_order_never_deadlock(
+    store: PostgresCallStore, db: asyncpg.Pool, settings: Settings
+) -> None:
+    """Batches share calls and callers in opposite orders; all locks are taken up front in
+    one order, so every batch commits: a deadlock would fail one (`TransientError`)."""
+    ids = [f"x{n}" for n in range(30)]
+    callers = ["79990000001", "79990000002", "79990000003"]
+
+    def batch(kind: str, order: list[str]) -> list[tuple[ReceivedWebhook, CallFields]]:
+        return items(
+            *(
+                received(i, kind, caller=callers[int(i[1:]) % 3], date="2026-11-25 10:00:00")
+                for i in order
+            )
+        )
+
+    results = await asyncio.gather(
+        store.record(batch("start", ids), render_outbox),
+        store.record(batch("end", ids[::-1]), render_outbox),
+        store.record(batch("start", ids[::-1]), render_outbox),
+        store.record(batch("end", ids), render_outbox),
+    )
+    assert sum(r.stored for result in results for r in result.recorded) == 60
+    rows = await db.fetch(f'SELECT revision FROM "{settings.namespace}".calls')
+    assert len(rows) == 30 and {row["revision"] for row in rows} == {2}

@@ -1,0 +1,184 @@
+"""The outbox relay: publish the events that storage committed, then mark them published.
+
+Storage writes each event into `call_events.event` in the transaction that stores its webhook
+(the outbox), so no transaction waits for the broker. The relay then publishes:
+
+- *fresh* events, handed over by this process right after their commit, in batches whose
+  confirms are awaited together (pipelined on one confirm channel);
+- *left-over* events (a worker died between its commit and its publish, or the broker was
+  away), found by a periodic sweep of the unpublished rows older than a few seconds.
+
+Either way a row is locked (`FOR UPDATE SKIP LOCKED`) from before its publish until it is
+marked published, so two relays never send the same event. An event goes out twice only
+when a relay dies, or loses the database, between the broker's confirm and the mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import asyncpg
+
+from workers.events import OutboxEvent, stored_to_outbox
+from workers.failpoints import failpoint
+from workers.storage import DATABASE_TROUBLE
+
+log = logging.getLogger(__name__)
+
+LOCK_FRESH = """
+SELECT event_id FROM call_events
+WHERE event_id = ANY($1::text[]) AND published_at IS NULL
+FOR UPDATE SKIP LOCKED
+"""
+
+# Served by the partial index `call_events_unpublished` (0001): it holds only unpublished rows.
+LOCK_LEFT_OVER = """
+SELECT event_id, event FROM call_events
+WHERE published_at IS NULL AND event IS NOT NULL
+  AND processed_at < now() - make_interval(secs => $1::float8)
+ORDER BY received_at
+LIMIT $2
+FOR UPDATE SKIP LOCKED
+"""
+
+MARK_PUBLISHED = """
+UPDATE call_events SET published_at = clock_timestamp() WHERE event_id = ANY($1::text[])
+"""
+
+
+class EventPublisher(Protocol):
+    """The broker port: publish one event to `{ns}.events` and await its confirm; raises
+    `TransientError` when it is not confirmed."""
+
+    async def publish_stored(self, event: OutboxEvent) -> None: ...
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    batch_max: int = 256  # events published, and so at most published twice, per round
+    sweep_every_s: float = 2.0
+    left_over_after_s: float = 5.0  # younger unpublished events are still the relay's own
+
+
+class OutboxRelay:
+    def __init__(
+        self, pool: asyncpg.Pool, publisher: EventPublisher, settings: RelaySettings
+    ) -> None:
+        self._pool = pool
+        self._publisher = publisher
+        self._settings = settings
+        self._pending: deque[OutboxEvent] = deque()
+        self._wake = asyncio.Event()
+
+    def hand_over(self, events: Sequence[OutboxEvent]) -> None:
+        """Events just committed: publish them soon. Never blocks, never fails."""
+        if events:
+            self._pending.extend(events)
+            self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def run(self, stop: asyncio.Event, finish_timeout_s: float) -> None:
+        """Publish fresh events as they come and sweep for left-over ones, until `stop`; then
+        publish what is still pending for up to `finish_timeout_s` (the rest stays stored and
+        goes out with a later sweep)."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time()
+        while not stop.is_set():
+            if loop.time() >= next_sweep:
+                await self.sweep()
+                next_sweep = loop.time() + self._settings.sweep_every_s
+            if self._pending:
+                await self.publish_fresh()
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(next_sweep - loop.time(), 0)):
+                    await _first_of(self._wake, stop)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(finish_timeout_s):
+                while self._pending:
+                    await self.publish_fresh()
+
+    async def publish_fresh(self) -> None:
+        """Publish up to a batch of the events handed over."""
+        count = min(len(self._pending), self._settings.batch_max)
+        batch = [self._pending.popleft() for _ in range(count)]
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                locked = await conn.fetch(LOCK_FRESH, [event.event_id for event in batch])
+                mine = {row["event_id"] for row in locked}
+                await self._publish_and_mark(conn, [e for e in batch if e.event_id in mine])
+        except DATABASE_TROUBLE as exc:
+            log.warning(
+                "could not publish %d events now (%r); they stay in the outbox", len(batch), exc
+            )
+
+    async def sweep(self) -> int:
+        """Publish every left-over event, a batch at a time; the number published."""
+        published = 0
+        while True:
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    rows = await conn.fetch(
+                        LOCK_LEFT_OVER,
+                        self._settings.left_over_after_s,
+                        self._settings.batch_max,
+                    )
+                    events = [stored_to_outbox(row["event_id"], row["event"]) for row in rows]
+                    if events:
+                        log.info("publishing %d events left in the outbox", len(events))
+                    done = await self._publish_and_mark(conn, events)
+            except DATABASE_TROUBLE as exc:
+                log.warning("outbox sweep failed (%r); retried at the next sweep", exc)
+                return published
+            published += done
+            if len(rows) < self._settings.batch_max or done < len(rows):
+                return published
+
+    async def _publish_and_mark(
+        self, conn: asyncpg.pool.PoolConnectionProxy, events: list[OutboxEvent]
+    ) -> int:
+        """Publish `events` (their rows locked by `conn`'s transaction) with pipelined
+        confirms and mark the confirmed ones; the number marked."""
+        if not events:
+            return 0
+        results = await asyncio.gather(
+            *(self._publisher.publish_stored(event) for event in events), return_exceptions=True
+        )
+        confirmed: list[str] = []
+        for event, result in zip(events, results, strict=True):
+            if result is None:
+                confirmed.append(event.event_id)
+            else:
+                # A lost confirm may hide a stored message: the retry may send it twice.
+                log.warning(
+                    "event %s not confirmed (%s); it stays in the outbox", event.event_id, result
+                )
+        if confirmed:
+            failpoint("outbox.after_confirm", ",".join(confirmed))
+            try:
+                await conn.execute(MARK_PUBLISHED, confirmed)
+            except DATABASE_TROUBLE:
+                for event_id in confirmed:
+                    log.warning("event %s published, not marked: it will go out again", event_id)
+                raise
+        return len(confirmed)
+
+
+async def _first_of(*events: asyncio.Event) -> None:
+    """Wait until any of `events` is set."""
+    waiters = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

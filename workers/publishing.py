@@ -1,0 +1,51 @@
+"""The workers' side of the broker: events to `{ns}.events`, dead letters to `{ns}.dead`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from callpipe.broker import ConfirmedPublisher, PublishFailedError
+from schemas.topology import HEADER_ERROR, Topology
+from workers.errors import TransientError
+from workers.events import OutboxEvent, stored_to_outbox
+
+
+class AmqpEventPublisher:
+    """Events go to `{ns}.events`; no subscriber yet is fine, so not mandatory."""
+
+    def __init__(self, publisher: ConfirmedPublisher, topology: Topology) -> None:
+        self._publisher = publisher
+        self._topology = topology
+
+    async def publish_stored(self, event: OutboxEvent) -> None:
+        """Publish an event from the outbox and await its confirm, or raise `TransientError`."""
+        try:
+            await self._publisher.publish(
+                self._topology.events_exchange,
+                event.routing_key,
+                event.body,
+                message_id=event.event_id,
+                mandatory=False,
+            )
+        except PublishFailedError as exc:
+            raise TransientError(f"event not confirmed: {exc}") from exc
+
+    async def publish_event(self, event: dict[str, Any]) -> None:
+        """Publish an envelope (the stale sweep's, confirmed before its commit)."""
+        await self.publish_stored(stored_to_outbox(str(event["event_id"]), event))
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Keep a message that can never be processed in `{ns}.dead`, with the reason."""
+        headers = {**(message.headers or {}), HEADER_ERROR: reason[:1000]}
+        try:
+            await self._publisher.publish(
+                self._topology.dead_exchange,
+                message.routing_key or "",
+                message.body,
+                message_id=message.message_id or "",
+                headers=headers,
+            )
+        except PublishFailedError as exc:
+            raise TransientError(f"dead letter not confirmed: {exc}") from exc
