@@ -220,7 +220,12 @@ class CallConsumer:
             except TransientError as exc:
                 failures += 1
                 self._metrics.retries.inc()
-                log.warning("delivery %s not dead-lettered yet: %s", message.message_id, exc)
+                log.warning(
+                    "delivery %s not dead-lettered (%s), retrying: %s",
+                    message.message_id,
+                    exc,
+                    error,
+                )
                 if self._stopping.is_set():
                     await self._settle(message, ack=False)
                     return

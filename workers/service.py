@@ -110,7 +110,9 @@ async def _start(
         store=PostgresCallStore(pool), region=settings.default_region, tz=settings.time_zone
     )
     batch_max = max(1, settings.prefetch // PARALLEL_BATCHES)
-    relay = OutboxRelay(pool, events, RelaySettings(batch_max=batch_max))
+    # A relay round may take as many events as the worker holds deliveries: it keeps up with
+    # two batches, and a crash repeats at most that many events.
+    relay = OutboxRelay(pool, events, RelaySettings(batch_max=settings.prefetch))
     if kind == "start":
         # Calls whose end never came are found by each start worker: no process to add for
         # ops, and replicas sweep side by side (rows are taken with SKIP LOCKED).

@@ -227,7 +227,14 @@ async def create_pool(database_url: str, namespace: str, max_size: int) -> async
         max_size=max_size,
         init=_init_connection,
         reset=reset_session,
-        server_settings={"search_path": f'"{namespace}"', "application_name": "callpipe-worker"},
+        server_settings={
+            "search_path": f'"{namespace}"',
+            "application_name": "callpipe-worker",
+            # Plan each batch for the tables as they are now. A generic plan made while
+            # `calls` was empty counts repeat callers by scanning the project's calls, not
+            # the caller's index, and gets slower with every row.
+            "plan_cache_mode": "force_custom_plan",
+        },
         command_timeout=30,
     )
 

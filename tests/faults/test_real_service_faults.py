@@ -45,8 +45,6 @@ from service_control import (
     why_not_controllable,
 )
 
-from workers.consumer import PARALLEL_BATCHES
-
 RATE = 150.0  # webhooks per second
 CALLS = 400  # calls per scenario: a start and an end each, so 800 webhooks in 5.3 s
 DRAIN_WITHIN_S = 90.0
@@ -151,7 +149,7 @@ def duplicate_problems(scenario: Scenario, duplicated: dict[str, int], rig: Rig)
             return [f"events twice without a failed attempt each: {unexplained}"]
     if scenario.duplicates == KILLED_WORKER:
         # A kill can fall between the relay's confirm and its mark: at most one relay batch.
-        per_kill = max(1, rig.prefetch // PARALLEL_BATCHES)
+        per_kill = rig.prefetch  # the relay's batch: the deliveries a worker holds
         kills: dict[str, int] = {
             w.kind: w.exits.count(-signal.SIGKILL) for w in rig.workers.values()
         }
