@@ -42,7 +42,7 @@ async def count_and_explain(request: web.Request, handler: Handler) -> web.Strea
         # A bug: counted like any answer (alert on status="500"), logged once, never a hang.
         log.exception("unexpected error on %s %s", request.method, route)
         response = json_error(500, "internal error")
-    request.app[METRICS].requests.labels(route, str(response.status)).inc()
+    request.app[METRICS].count_request(route, response.status)
     return response
 
 

@@ -99,11 +99,12 @@ class BrokerLink:
         *,
         message_id: str,
         headers: Mapping[str, Any],
+        timeout_s: float | None = None,
     ) -> None:
         if self._publisher is None:
             raise PublishFailedError("not connected to the broker yet")
         await self._publisher.publish(
-            exchange, routing_key, body, message_id=message_id, headers=headers
+            exchange, routing_key, body, message_id=message_id, headers=headers, timeout_s=timeout_s
         )
 
     async def close(self) -> None:

@@ -13,6 +13,7 @@ from ingress.auth import TokenMap
 from ingress.metrics import IngressMetrics
 from ingress.relay import WebhookRelay
 from ingress.spool import SpoolUnavailableError
+from schemas import codec
 from schemas.roistat import InvalidWebhookError, call_id_of, detect_kind, read_webhook
 from schemas.topology import (
     HEADER_KIND,
@@ -132,9 +133,10 @@ class WebhookHandler:
         )
         if spooled is None:
             return self._unavailable()
+        answer = {"accepted": True, "event_id": accepted_id}
         if spooled:
-            return web.json_response({"accepted": True, "event_id": accepted_id, "spooled": True})
-        return web.json_response({"accepted": True, "event_id": accepted_id})
+            answer["spooled"] = True
+        return web.Response(body=codec.dumps(answer), content_type="application/json")
 
     @staticmethod
     def _headers(request: web.Request, project: str) -> dict[str, str]:
@@ -179,14 +181,14 @@ class WebhookHandler:
     ) -> bool | None:
         """True: spooled; False: confirmed by the broker; None: neither (answer 503)."""
         started = time.perf_counter()
+        seconds = self._metrics.publish_seconds_by_outcome
         try:
             spooled = await self._relay.send(exchange, routing_key, body, message_id, headers)
         except SpoolUnavailableError as exc:
-            self._metrics.publish_seconds.labels("failed").observe(time.perf_counter() - started)
+            seconds["failed"].observe(time.perf_counter() - started)
             log.error("%s neither confirmed nor spooled, answering 503: %s", message_id, exc)
             return None
-        outcome = "spooled" if spooled else "confirmed"
-        self._metrics.publish_seconds.labels(outcome).observe(time.perf_counter() - started)
+        seconds["spooled" if spooled else "confirmed"].observe(time.perf_counter() - started)
         return spooled
 
     @staticmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+PUBLISH_OUTCOMES = ("confirmed", "spooled", "failed")
+
 
 class IngressMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -47,3 +49,16 @@ class IngressMetrics:
             "Age of the oldest webhook in the outage spool (0 when empty)",
             registry=self.registry,
         )
+        # Children bound once: a request counts with a dict lookup and an `inc()`, not a
+        # `labels()` call (a lock and a tuple) each time.
+        self.publish_seconds_by_outcome = {
+            outcome: self.publish_seconds.labels(outcome) for outcome in PUBLISH_OUTCOMES
+        }
+        self._requests_by_route_status: dict[tuple[str, int], Counter] = {}
+
+    def count_request(self, route: str, status: int) -> None:
+        child = self._requests_by_route_status.get((route, status))
+        if child is None:
+            child = self.requests.labels(route, str(status))
+            self._requests_by_route_status[(route, status)] = child
+        child.inc()

@@ -40,17 +40,20 @@ class WebhookRelay:
         """True if spooled, False if the broker confirmed it; `SpoolUnavailableError` if neither."""
         if not self._spool.waiting and self._broker.is_ready:
             try:
-                async with asyncio.timeout(self._deadline_s):
-                    await self._broker.publish(
-                        exchange, routing_key, body, message_id=message_id, headers=headers
-                    )
+                await self._broker.publish(
+                    exchange,
+                    routing_key,
+                    body,
+                    message_id=message_id,
+                    headers=headers,
+                    timeout_s=self._deadline_s,
+                )
                 self.confirmed += 1
                 return False
-            except (PublishFailedError, TimeoutError) as exc:
+            except PublishFailedError as exc:
                 # If the broker stored it after all, the drained copy is a duplicate with the
                 # same message id: the workers deduplicate it.
-                reason = str(exc) or f"no confirm within {self._deadline_s:g}s"
-                self._log_spooling(reason)
+                self._log_spooling(str(exc))
         else:
             self._log_spooling("the broker is not connected")
         message = SpooledMessage(exchange, routing_key, message_id, headers, body, time.time())
