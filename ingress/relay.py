@@ -1,7 +1,7 @@
 """Publish a webhook confirmed, or spool it when the broker cannot confirm it in time.
 
-While the spool holds anything, new webhooks join its end, so the broker gets them in the
-order they arrived. The drainer sends the spool's head in pipelined batches once the broker
+While the spool holds webhooks not yet drained, new webhooks join its end, so the broker
+gets them in the order they arrived (but for ones answered while an append was in flight). The drainer sends the spool's head in pipelined batches once the broker
 confirms again and forgets each message only after its confirm: a crash between the two
 sends it again, with the same message id, and the workers deduplicate it.
 """
@@ -38,7 +38,11 @@ class WebhookRelay:
         self, exchange: str, routing_key: str, body: bytes, message_id: str, headers: dict[str, str]
     ) -> bool:
         """True if spooled, False if the broker confirmed it; `SpoolUnavailableError` if neither."""
-        if not self._spool.waiting and self._broker.is_ready:
+        # Behind the spool while it holds webhooks not yet drained. Not behind the ones still
+        # being written: under a steady load some always are, and the spool would never be
+        # left (such a webhook may reach the broker a few ms after a later one; the workers
+        # do not depend on order).
+        if not self._spool.messages and self._broker.is_ready:
             try:
                 await self._broker.publish(
                     exchange,
