@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import aio_pika
@@ -153,7 +152,7 @@ class ConfirmedPublisher:
     def __init__(self, channel: AbstractChannel, timeout_s: float) -> None:
         self._channel = channel
         self._timeout_s = timeout_s
-        self._publishing: dict[str, asyncio.Future[None]] = {}
+        self._publishing: dict[str, asyncio.Future[None]] = {}  # message ids in flight
 
     @classmethod
     async def open(
@@ -184,38 +183,39 @@ class ConfirmedPublisher:
             headers=dict(headers) if headers else None,
         )
         try:
-            # The deadline covers waiting for a reconnecting channel too, not just the confirm.
-            async with asyncio.timeout(timeout_s), self._one_at_a_time(message_id):
+            if message_id in self._publishing:
+                async with asyncio.timeout(timeout_s):
+                    await self._wait_for_earlier(message_id)
+            done = asyncio.get_running_loop().create_future()
+            self._publishing[message_id] = done
+            try:
                 if self._channel.is_closed:
                     raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
                 channel = await self._channel.get_underlay_channel()
-                # A nack raises DeliveryError, a return (mandatory) PublishError.
+                # aiormq's deadline covers the channel lock and the confirm. A nack raises
+                # DeliveryError, a return (mandatory) PublishError.
                 await channel.basic_publish(
                     body,
                     exchange=exchange,
                     routing_key=routing_key,
                     properties=properties,
                     mandatory=mandatory,
+                    timeout=timeout_s,
                 )
+            finally:
+                del self._publishing[message_id]
+                done.set_result(None)
         except TimeoutError as exc:
             raise PublishFailedError(f"no confirm within {timeout_s:g}s") from exc
         except Exception as exc:
             raise PublishFailedError(f"{type(exc).__name__}: {exc}") from exc
 
-    @asynccontextmanager
-    async def _one_at_a_time(self, message_id: str) -> AsyncIterator[None]:
+    async def _wait_for_earlier(self, message_id: str) -> None:
         """One publish per message id in flight: aiormq matches a returned message to its
         publish by message id, so with two in flight a return could fail the wrong one and
         the returned one be confirmed. Same ids are rare (a resent webhook): no cost."""
         while (earlier := self._publishing.get(message_id)) is not None:
             await asyncio.wait({earlier})
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._publishing[message_id] = done
-        try:
-            yield
-        finally:
-            del self._publishing[message_id]
-            done.set_result(None)
 
     @property
     def is_open(self) -> bool:
