@@ -40,6 +40,8 @@ class KindMetrics:
     dead_lettered: Counter
     processing_seconds: Histogram
     in_flight: InFlight
+    events_published: Counter
+    outbox_pending: Gauge
 
 
 class WorkerMetrics:
@@ -49,7 +51,7 @@ class WorkerMetrics:
         self.registry = registry or CollectorRegistry()
         processed = Counter(
             "callpipe_worker_processed",
-            "Webhooks stored (row merged, event published), by kind",
+            "Webhooks stored (row merged, event committed to the outbox), by kind",
             ["kind"],
             registry=self.registry,
         )
@@ -84,6 +86,18 @@ class WorkerMetrics:
             ["kind"],
             registry=self.registry,
         )
+        published = Counter(
+            "callpipe_worker_events_published",
+            "Events the outbox relay published (confirmed) and marked, by kind",
+            ["kind"],
+            registry=self.registry,
+        )
+        pending = Gauge(
+            "callpipe_worker_outbox_pending",
+            "Events committed and handed to this process's relay, not yet published",
+            ["kind"],
+            registry=self.registry,
+        )
         self._kinds: dict[str, KindMetrics] = {}
         for kind in KINDS:
             in_flight = InFlight()
@@ -95,6 +109,8 @@ class WorkerMetrics:
                 dead_lettered=dead_lettered.labels(kind),
                 processing_seconds=seconds.labels(kind),
                 in_flight=in_flight,
+                events_published=published.labels(kind),
+                outbox_pending=pending.labels(kind),
             )
 
     def of(self, kind: Kind) -> KindMetrics:

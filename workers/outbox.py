@@ -27,6 +27,7 @@ import asyncpg
 
 from workers.events import OutboxEvent, stored_to_outbox
 from workers.failpoints import failpoint
+from workers.metrics import KindMetrics
 from workers.storage import DATABASE_TROUBLE
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,16 @@ class RelaySettings:
 
 class OutboxRelay:
     def __init__(
-        self, pool: asyncpg.Pool, publisher: EventPublisher, settings: RelaySettings
+        self,
+        pool: asyncpg.Pool,
+        publisher: EventPublisher,
+        settings: RelaySettings,
+        metrics: KindMetrics | None = None,
     ) -> None:
         self._pool = pool
         self._publisher = publisher
         self._settings = settings
+        self._metrics = metrics
         self._pending: deque[OutboxEvent] = deque()
         self._wake = asyncio.Event()
 
@@ -81,6 +87,8 @@ class OutboxRelay:
         if events:
             self._pending.extend(events)
             self._wake.set()
+            if self._metrics is not None:
+                self._metrics.outbox_pending.set(len(self._pending))
 
     @property
     def pending(self) -> int:
@@ -112,6 +120,8 @@ class OutboxRelay:
         """Publish up to a batch of the events handed over."""
         count = min(len(self._pending), self._settings.batch_max)
         batch = [self._pending.popleft() for _ in range(count)]
+        if self._metrics is not None:
+            self._metrics.outbox_pending.set(len(self._pending))
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 locked = await conn.fetch(LOCK_FRESH, [event.event_id for event in batch])
@@ -171,6 +181,8 @@ class OutboxRelay:
                 for event_id in confirmed:
                     log.warning("event %s published, not marked: it will go out again", event_id)
                 raise
+            if self._metrics is not None:
+                self._metrics.events_published.inc(len(confirmed))
         return len(confirmed)
 
 

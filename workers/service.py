@@ -112,7 +112,7 @@ async def _start(
     batch_max = max(1, settings.prefetch // PARALLEL_BATCHES)
     # A relay round may take as many events as the worker holds deliveries: it keeps up with
     # two batches, and a crash repeats at most that many events.
-    relay = OutboxRelay(pool, events, RelaySettings(batch_max=settings.prefetch))
+    relay = OutboxRelay(pool, events, RelaySettings(batch_max=settings.prefetch), metrics)
     if kind == "start":
         # Calls whose end never came are found by each start worker: no process to add for
         # ops, and replicas sweep side by side (rows are taken with SKIP LOCKED).

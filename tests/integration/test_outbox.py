@@ -148,3 +148,40 @@ async def test_an_event_the_broker_did_not_confirm_stays_stored_until_it_does(
     await wait_for(swept, what="the events published once the exchange is back")
     await events.settle(amqp, settings.topology.events_exchange, "call.ended.marker")
     assert sorted(str(m.message_id) for m in events.messages) == sorted(e.event_id for e in fresh)
+
+
+async def test_an_event_confirmed_but_not_marked_goes_out_again_and_is_named_in_the_log(
+    settings: Settings,
+    db: asyncpg.Pool,
+    relays: Relays,
+    amqp: AbstractRobustConnection,
+    subscribe: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database refuses the mark after the broker confirmed (here a trigger of this
+    test's schema; in life a restart or failover): the relay says which events may go out
+    twice, and the sweep publishes them again once the database takes the mark."""
+    ns = settings.namespace
+    events: Collector = await subscribe(settings.topology.events_exchange, "call.#")
+    fresh = await store(settings, "m1", "m2")
+    await db.execute(
+        f"""
+        CREATE FUNCTION "{ns}".no_mark() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'database away' USING ERRCODE = '57P01'; END $$;
+        CREATE TRIGGER no_mark BEFORE UPDATE OF published_at ON "{ns}".call_events
+            FOR EACH ROW EXECUTE FUNCTION "{ns}".no_mark();
+        """
+    )
+    relay = await relays.new(left_over_after_s=0)
+    relay.hand_over(fresh)
+    await relay.publish_fresh()
+    assert await unpublished(db, settings) == 2
+    warned = " ".join(r.getMessage() for r in caplog.records if r.name == "workers.outbox")
+    assert all(f"event {e.event_id} published, not marked" in warned for e in fresh)
+
+    await db.execute(f'DROP TRIGGER no_mark ON "{ns}".call_events')
+    assert await relay.sweep() == 2
+    assert await unpublished(db, settings) == 0
+    await events.settle(amqp, settings.topology.events_exchange, "call.ended.marker")
+    copies = sorted(str(m.message_id) for m in events.messages)
+    assert copies == sorted([e.event_id for e in fresh] * 2)  # each twice: the crash window

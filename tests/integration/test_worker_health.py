@@ -168,6 +168,14 @@ async def test_stored_duplicate_and_poison_are_counted_once_each(
     assert 'callpipe_worker_processing_seconds_count{kind="end"} 3.0' in text
     assert 'callpipe_worker_oldest_unacked_age_seconds{kind="end"} 0.0' in text
     assert 'callpipe_worker_processed_total{kind="start"} 0.0' in text
+
+    async def event_published() -> bool:
+        _, text = await worker.get("/metrics")
+        return 'callpipe_worker_events_published_total{kind="end"} 1.0' in text
+
+    await wait_for(event_published, what="the relay's count of published events")
+    _, text = await worker.get("/metrics")
+    assert 'callpipe_worker_outbox_pending{kind="end"} 0.0' in text
     assert await worker.get("/healthz") == (200, {"status": "ok"})
 
 
