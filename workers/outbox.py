@@ -95,26 +95,32 @@ class OutboxRelay:
         return len(self._pending)
 
     async def run(self, stop: asyncio.Event, finish_timeout_s: float) -> None:
-        """Publish fresh events as they come and sweep for left-over ones, until `stop`; then
-        publish what is still pending for up to `finish_timeout_s` (the rest stays stored and
-        goes out with a later sweep)."""
-        loop = asyncio.get_running_loop()
-        next_sweep = loop.time()
-        while not stop.is_set():
-            if loop.time() >= next_sweep:
-                await self.sweep()
-                next_sweep = loop.time() + self._settings.sweep_every_s
-            if self._pending:
-                await self.publish_fresh()
-                continue
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(next_sweep - loop.time(), 0)):
-                    await _first_of(self._wake, stop)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(finish_timeout_s):
-                while self._pending:
+        """Publish fresh events as they come, and sweep for left-over ones beside (a slow
+        sweep never delays fresh events), until `stop`; then publish what is still pending
+        for up to `finish_timeout_s` (the rest stays stored and goes out with a sweep)."""
+        sweeping = asyncio.create_task(self._sweep_every(stop), name="outbox-sweep")
+        try:
+            while not stop.is_set():
+                if self._pending:
                     await self.publish_fresh()
+                    continue
+                self._wake.clear()
+                await _first_of(self._wake, stop)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(finish_timeout_s):
+                    while self._pending:
+                        await self.publish_fresh()
+        finally:
+            sweeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeping
+
+    async def _sweep_every(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.sweep()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._settings.sweep_every_s):
+                    await stop.wait()
 
     async def publish_fresh(self) -> None:
         """Publish up to a batch of the events handed over."""
