@@ -1,9 +1,10 @@
 """Publish a webhook confirmed, or spool it when the broker cannot confirm it in time.
 
 While the spool holds webhooks not yet drained, new webhooks join its end, so the broker
-gets them in the order they arrived (but for ones answered while an append was in flight). The drainer sends the spool's head in pipelined batches once the broker
-confirms again and forgets each message only after its confirm: a crash between the two
-sends it again, with the same message id, and the workers deduplicate it.
+gets them in the order they arrived (but for ones answered while an append was in flight).
+The drainer sends the spool's head in pipelined batches once the broker confirms again and
+forgets each message only after its confirm: a crash between the two sends it again, with
+the same message id, and the workers deduplicate it.
 """
 
 from __future__ import annotations
