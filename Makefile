@@ -11,7 +11,7 @@ export CALLPIPE_TOKENS ?= demo:demo-token
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 # The official AsyncAPI parser, for tests/unit/test_asyncapi.py (needs Node.js 20+).
