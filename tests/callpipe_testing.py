@@ -1,4 +1,5 @@
-"""Test helpers: waiting on conditions, and a TCP proxy that plays a failing network."""
+"""Test helpers: waiting on conditions, a TCP proxy that plays a failing network, and a
+trigger that makes PostgreSQL refuse one call."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+import asyncpg
 
 T = TypeVar("T")
 
@@ -23,6 +26,27 @@ async def wait_for(
             return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {seconds}s waiting for {what} (last value: {last!r})")
+
+
+async def refuse_call(
+    db: asyncpg.Pool, namespace: str, call_id: str, *, message: str, errcode: str = "P0001"
+) -> None:
+    """Make PostgreSQL itself refuse the `calls` row of `call_id` with `message` and SQLSTATE
+    `errcode` (P0001: an error nobody classified; 22xxx: data it cannot store). Dropped
+    with the namespace's schema."""
+    await db.execute(
+        f"""
+        CREATE FUNCTION "{namespace}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.call_id = '{call_id}' THEN
+                RAISE EXCEPTION '{message}' USING ERRCODE = '{errcode}';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON "{namespace}".calls
+            FOR EACH ROW EXECUTE FUNCTION "{namespace}".refuse();
+        """
+    )
 
 
 class TcpProxy:

@@ -16,7 +16,7 @@ import asyncpg
 import orjson
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from callpipe_testing import TcpProxy, wait_for
+from callpipe_testing import TcpProxy, refuse_call, wait_for
 from conftest import Collector, Services, Workers, make_settings
 
 from callpipe.broker import plain_headers
@@ -509,18 +509,7 @@ async def test_an_unexpected_error_is_retried_a_few_times_then_dead_lettered(
 ) -> None:
     """A failure nobody classified (here a trigger of this test's schema) is not retried
     forever: after the policy's tries the message is kept in {ns}.dead and the queue moves on."""
-    ns = settings.namespace
-    await db.execute(
-        f"""
-        CREATE FUNCTION "{ns}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.call_id = 'cursed' THEN RAISE EXCEPTION 'cursed call'; END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse BEFORE INSERT ON "{ns}".calls
-            FOR EACH ROW EXECUTE FUNCTION "{ns}".refuse();
-        """
-    )
+    await refuse_call(db, settings.namespace, "cursed", message="cursed call")
     dead: Collector = await subscribe(settings.topology.dead_exchange, "")
     workers.start(settings, "end")
     await publish(amqp, settings.topology, [webhook("cursed"), webhook("fine")])
@@ -555,19 +544,7 @@ async def test_a_poison_webhook_in_a_batch_is_found_and_dead_lettered_and_the_re
     when the database calls the data bad, after the policy's tries when nobody classified the
     error), and the 39 others are stored and published once each."""
     settings = make_settings(services, namespace, prefetch=128)
-    await db.execute(
-        f"""
-        CREATE FUNCTION "{namespace}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.call_id = 'b17' THEN
-                RAISE EXCEPTION 'refused' USING ERRCODE = '{errcode}';
-            END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse BEFORE INSERT ON "{namespace}".calls
-            FOR EACH ROW EXECUTE FUNCTION "{namespace}".refuse();
-        """
-    )
+    await refuse_call(db, namespace, "b17", message="refused", errcode=errcode)
     events: Collector = await subscribe(settings.topology.events_exchange, "call.#")
     dead: Collector = await subscribe(settings.topology.dead_exchange, "")
     await publish(amqp, settings.topology, [webhook(f"b{n}") for n in range(40)])

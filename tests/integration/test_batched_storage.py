@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from callpipe_testing import refuse_call
 
 from callpipe.settings import Settings
 from schemas import codec
@@ -102,25 +103,10 @@ async def test_a_webhook_twice_in_one_batch_and_again_later_is_stored_once(
     assert await db.fetchval(f'SELECT count(*) FROM "{settings.namespace}".calls') == 3
 
 
-async def refuse_call(db: asyncpg.Pool, namespace: str, call_id: str) -> None:
-    """Make PostgreSQL itself refuse one call's row, as it refuses data it cannot store."""
-    await db.execute(f"""
-        CREATE FUNCTION "{namespace}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.call_id = '{call_id}' THEN
-                RAISE EXCEPTION 'refused for the test' USING ERRCODE = '22023';
-            END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER refuse BEFORE INSERT ON "{namespace}".calls
-            FOR EACH ROW EXECUTE FUNCTION "{namespace}".refuse();
-    """)
-
-
 async def test_a_failing_batch_leaves_nothing_behind(
     store: PostgresCallStore, db: asyncpg.Pool, settings: Settings
 ) -> None:
-    await refuse_call(db, settings.namespace, "bad")
+    await refuse_call(db, settings.namespace, "bad", message="refused", errcode="22023")
     with pytest.raises(PermanentError, match="database refused the data"):
         await store.record(items(received("ok"), received("bad")), render_outbox)
     assert await db.fetchval(f'SELECT count(*) FROM "{settings.namespace}".call_events') == 0
