@@ -255,16 +255,17 @@ class PostgresCallStore:
         back, and the redelivery starts over.
         """
         webhooks = [webhook for webhook, _ in items]
+        keys = [_keys(webhook, call) for webhook, call in items]
         firsts = first_of_each([webhook.event_id for webhook in webhooks])
         async with self._transaction() as conn:
-            await conn.execute(LOCK_KEYS, lock_ids([_keys(*items[i]) for i in firsts]))
+            await conn.execute(LOCK_KEYS, lock_ids([keys[i] for i in firsts]))
             claimed = {
                 row["event_id"]
                 for row in await conn.fetch(CLAIM_EVENTS, [_claim_row(webhooks[i]) for i in firsts])
             }
             new = [i for i in firsts if webhooks[i].event_id in claimed]
             rendered: dict[int, OutboxEvent] = {}
-            for round_ in rounds([_keys(*items[i]) for i in new]):
+            for round_ in rounds([keys[i] for i in new]):
                 batch = [(new[j], *items[new[j]]) for j in round_]
                 merged = {
                     (row["project"], row["call_id"]): row
