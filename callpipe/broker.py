@@ -201,6 +201,10 @@ class ConfirmedPublisher:
                     properties=properties,
                     mandatory=mandatory,
                     timeout=timeout_s,
+                    # Hand the frame to the connection's writer and wait for the confirm only:
+                    # waiting for the write too would hold the channel's lock across a hop to
+                    # the writer task, one publish at a time.
+                    wait=False,
                 )
             finally:
                 del self._publishing[message_id]
