@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -191,7 +191,8 @@ class ConfirmedPublisher:
             try:
                 if self._channel.is_closed:
                     raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
-                channel = await self._channel.get_underlay_channel()
+                # aio-pika's channels are aiormq's `Channel`, whose publish takes `wait`.
+                channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
                 # aiormq's deadline covers the channel lock and the confirm. A nack raises
                 # DeliveryError, a return (mandatory) PublishError.
                 await channel.basic_publish(
