@@ -90,7 +90,7 @@ class CallConsumer:
                     await self._queue.cancel(tag)
             except Exception as exc:  # the broker is gone: its unacked deliveries return anyway
                 log.warning("worker %s could not cancel its consumer: %r", self._kind, exc)
-            held = len(self._waiting) + len(self._metrics.in_flight.taken_at)
+            held = len(self._metrics.in_flight.taken_at)  # waiting ones included
             if held:
                 log.info("worker %s finishing %d held deliveries", self._kind, held)
             self._arrived.set()
@@ -203,10 +203,14 @@ class CallConsumer:
             for message, _ in items:
                 await self._settle(message, ack=False)
             return False
+        await self._back_off(failures)
+        return True
+
+    async def _back_off(self, failures: int) -> None:
+        """Wait before the next attempt; a stop cuts the wait short."""
         delay = backoff_delay(failures, self._policy, self._random)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=delay)
-        return True
 
     async def _give_up(self, message: AbstractIncomingMessage, error: Exception) -> None:
         """Keep a delivery that can never be stored in `{ns}.dead`, then ack it; while the
@@ -229,9 +233,7 @@ class CallConsumer:
                 if self._stopping.is_set():
                     await self._settle(message, ack=False)
                     return
-                delay = backoff_delay(failures, self._policy, self._random)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                await self._back_off(failures)
         log.error("delivery %s dead-lettered: %s", message.message_id, reason)
         await self._settle(message, ack=True)
         self._metrics.dead_lettered.inc()
