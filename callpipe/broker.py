@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import re
 from collections.abc import Mapping
@@ -16,7 +18,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     HeadersType,
 )
+from aiormq.abc import ChannelFrame
 
+from callpipe import amqp_frames
 from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds, QueueBound, kept_queue_arguments
 from callpipe.retry import retry_until_done
 from schemas.topology import DELIVERY_LIMIT, Topology
@@ -144,15 +148,22 @@ async def connect(
 class ConfirmedPublisher:
     """One long-lived channel with publisher confirms; concurrent publishes pipeline on it.
 
-    Publishes go straight to aiormq, the protocol layer under aio-pika: the properties are
-    built once per message, with no `aio_pika.Message` to build and convert. The channel is
-    aio-pika's robust one, so it is reopened after a reconnect.
+    The frames of each message are encoded once (`callpipe.amqp_frames`); the messages that
+    callers hand over while the event loop is busy are written to the connection together,
+    one write per round instead of one per message, under aiormq's channel lock, with their
+    delivery tags registered in aiormq's channel so that its reader settles the confirms and
+    returns as for its own publishes. Where the installed aiormq lacks what that needs, each
+    message goes through aiormq's `basic_publish`. The channel is aio-pika's robust one, so
+    it is reopened after a reconnect.
     """
 
     def __init__(self, channel: AbstractChannel, timeout_s: float) -> None:
         self._channel = channel
         self._timeout_s = timeout_s
         self._publishing: dict[str, asyncio.Future[None]] = {}  # message ids in flight
+        self._method_frames: dict[tuple[int, str, str, bool], bytes] = {}
+        self._outgoing: list[_Outgoing] = []
+        self._writer: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -176,12 +187,6 @@ class ConfirmedPublisher:
         """Publish a persistent message and wait for the broker's confirm (at most
         `timeout_s`, default the publisher's), or raise `PublishFailedError`."""
         timeout_s = timeout_s or self._timeout_s
-        properties = aiormq.spec.Basic.Properties(
-            content_type="application/json",
-            delivery_mode=PERSISTENT,
-            message_id=message_id,
-            headers=dict(headers) if headers else None,
-        )
         try:
             if message_id in self._publishing:
                 async with asyncio.timeout(timeout_s):
@@ -191,22 +196,25 @@ class ConfirmedPublisher:
             try:
                 if self._channel.is_closed:
                     raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
-                # aio-pika's channels are aiormq's `Channel`, whose publish takes `wait`.
+                # aio-pika's channels are aiormq's `Channel`.
                 channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-                # aiormq's deadline covers the channel lock and the confirm. A nack raises
-                # DeliveryError, a return (mandatory) PublishError.
-                await channel.basic_publish(
+                if not _can_write_frames(channel):
+                    await self._publish_through_aiormq(
+                        channel, exchange, routing_key, body, message_id, headers, mandatory,
+                        timeout_s,
+                    )  # fmt: skip
+                    return
+                method = self._method_frame(channel.number, exchange, routing_key, mandatory)
+                content = amqp_frames.content_frames(
+                    channel.number,
                     body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=mandatory,
-                    timeout=timeout_s,
-                    # Hand the frame to the connection's writer and wait for the confirm only:
-                    # waiting for the write too would hold the channel's lock across a hop to
-                    # the writer task, one publish at a time.
-                    wait=False,
+                    content_type=CONTENT_TYPE,
+                    delivery_mode=PERSISTENT,
+                    message_id=message_id,
+                    headers=headers,
+                    max_body_frame=channel.max_content_size,
                 )
+                await self._send(_Outgoing(channel, method + content, message_id), timeout_s)
             finally:
                 del self._publishing[message_id]
                 done.set_result(None)
@@ -214,6 +222,71 @@ class ConfirmedPublisher:
             raise PublishFailedError(f"no confirm within {timeout_s:g}s") from exc
         except Exception as exc:
             raise PublishFailedError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _method_frame(
+        self, channel: int, exchange: str, routing_key: str, mandatory: bool
+    ) -> bytes:
+        key = (channel, exchange, routing_key, mandatory)
+        method = self._method_frames.get(key)
+        if method is None:
+            method = amqp_frames.publish_method_frame(channel, exchange, routing_key, mandatory)
+            self._method_frames[key] = method
+        return method
+
+    async def _send(self, message: _Outgoing, timeout_s: float) -> None:
+        """Queue the message for the next write and wait for its confirm. A nack raises
+        aiormq's DeliveryError, a return (mandatory) its PublishError."""
+        self._outgoing.append(message)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_outgoing())
+        expiry = asyncio.get_running_loop().call_later(timeout_s, message.expire)
+        try:
+            await message.confirmation
+        except asyncio.CancelledError:
+            if message.expired:
+                raise TimeoutError from None
+            raise
+        finally:
+            expiry.cancel()
+
+    async def _write_outgoing(self) -> None:
+        """Write what has been queued, one round at a time, until nothing is left."""
+        try:
+            while self._outgoing:
+                queued, self._outgoing = self._outgoing, []
+                for channel, messages in itertools.groupby(queued, key=lambda m: m.channel):
+                    await _write_round(channel, [m for m in messages if not m.confirmation.done()])
+        finally:
+            self._writer = None
+
+    async def _publish_through_aiormq(
+        self,
+        channel: aiormq.Channel,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str,
+        headers: Mapping[str, Any] | None,
+        mandatory: bool,
+        timeout_s: float,
+    ) -> None:
+        properties = aiormq.spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=PERSISTENT,
+            message_id=message_id,
+            headers=dict(headers) if headers else None,
+        )
+        # aiormq's deadline covers the channel lock and the confirm. wait=False: wait for
+        # the confirm only, not for the writer task under the channel's lock.
+        await channel.basic_publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+            timeout=timeout_s,
+            wait=False,
+        )
 
     async def _wait_for_earlier(self, message_id: str) -> None:
         """One publish per message id in flight: aiormq matches a returned message to its
@@ -229,6 +302,81 @@ class ConfirmedPublisher:
     async def close(self) -> None:
         if not self._channel.is_closed:
             await self._channel.close()
+
+
+CONTENT_TYPE = "application/json"
+
+# What `_write_round` uses of aiormq's `Channel` besides its public methods.
+_CHANNEL_STATE = (
+    "delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue",
+    "max_content_size", "lock", "number", "create_future",
+)  # fmt: skip
+
+
+def _can_write_frames(channel: aiormq.Channel) -> bool:
+    return channel.publisher_confirms and all(hasattr(channel, name) for name in _CHANNEL_STATE)
+
+
+class _Outgoing:
+    """One message's frames, waiting for its round and then for its confirm."""
+
+    __slots__ = ("channel", "confirmation", "expired", "frames", "message_id")
+
+    def __init__(self, channel: aiormq.Channel, frames: bytes, message_id: str) -> None:
+        self.channel = channel
+        self.frames = frames
+        self.message_id = message_id
+        # A future of the channel's: aiormq fails it with the reason when the channel closes.
+        self.confirmation: asyncio.Future[Any] = channel.create_future()
+        self.expired = False
+
+    def expire(self) -> None:
+        # Cancelled, not failed: aiormq drops a late confirm of a cancelled publish quietly.
+        if not self.confirmation.done():
+            self.expired = True
+            self.confirmation.cancel()
+
+
+async def _write_round(channel: aiormq.Channel, messages: list[_Outgoing]) -> None:
+    """Give the messages consecutive delivery tags in the channel, as its `basic_publish`
+    would, and hand their frames to the connection's writer in one piece."""
+    if not messages:
+        return
+    try:
+        async with channel.lock:  # raises if the channel is closed
+            before = channel.delivery_tag
+            for message in messages:
+                channel.delivery_tag += 1
+                tag = channel.delivery_tag
+                channel.confirmations[tag] = message.confirmation
+                channel.message_id_delivery_tag[message.message_id] = tag
+            frame = ChannelFrame(payload=b"".join(m.frames for m in messages), should_close=False)
+            try:
+                await channel.write_queue.put(frame)
+            except BaseException:
+                # Not written: the broker has not seen these tags; give them back.
+                for tag in range(before + 1, channel.delivery_tag + 1):
+                    channel.confirmations.pop(tag, None)
+                for message in messages:
+                    channel.message_id_delivery_tag.pop(message.message_id, None)
+                channel.delivery_tag = before
+                raise
+            for tag, message in enumerate(messages, start=before + 1):
+                message.confirmation.add_done_callback(
+                    functools.partial(_forget_message_id, channel, message.message_id, tag)
+                )
+    except Exception as exc:
+        for message in messages:
+            if not message.confirmation.done():
+                message.confirmation.set_exception(exc)
+
+
+def _forget_message_id(
+    channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]
+) -> None:
+    # aiormq finds a returned message's publish by its id while it is unconfirmed.
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        del channel.message_id_delivery_tag[message_id]
 
 
 def plain_headers(headers: HeadersType | None) -> dict[str, str]:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
+from typing import cast
 
 import aio_pika
+import aiormq
+import orjson
+import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from callpipe.broker import ConfirmedPublisher, PublishFailedError
+from callpipe.broker import ConfirmedPublisher, PublishFailedError, _can_write_frames
 
 
 async def test_concurrent_duplicates_to_an_unroutable_route_all_fail(
@@ -34,3 +39,95 @@ async def test_concurrent_duplicates_to_an_unroutable_route_all_fail(
         await publisher.close()
         async with amqp.channel() as channel:
             await channel.exchange_delete(exchange)
+
+
+async def test_a_round_of_concurrent_publishes_arrives_whole_with_its_properties(
+    amqp: AbstractRobustConnection,
+) -> None:
+    """The frames callpipe writes itself: every message confirmed and read back as sent,
+    bodies over the broker's frame size included (split into several body frames)."""
+    name = f"cpt_frames_{uuid.uuid4().hex[:8]}"
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(name, auto_delete=False)
+        publisher = await ConfirmedPublisher.open(amqp, timeout_s=10)
+        try:
+            underlay = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
+            # Without this, every publish would go through aiormq's basic_publish.
+            assert _can_write_frames(underlay)
+            big = b'{"blob": "' + b"x" * (3 * underlay.max_content_size) + b'"}'
+            sent = {
+                f"acme:{i}:start": (
+                    big if i % 50 == 0 else orjson.dumps({"id": i}),
+                    {"x-callpipe-project": "acme", "x-n": str(i)},
+                )
+                for i in range(300)
+            }
+            await asyncio.gather(
+                *(
+                    publisher.publish("", name, body, message_id=mid, headers=headers)
+                    for mid, (body, headers) in sent.items()
+                )
+            )
+            assert (await queue.declare()).message_count == len(sent)
+            received = {}
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    await message.ack()
+                    assert message.content_type == "application/json"
+                    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+                    received[message.message_id] = (message.body, message.headers)
+                    if len(received) == len(sent):
+                        break
+            assert received == sent
+        finally:
+            await publisher.close()
+            await channel.queue_delete(name)
+
+
+async def test_a_nack_and_a_return_fail_only_their_own_publish(
+    amqp: AbstractRobustConnection,
+) -> None:
+    """In one round: a full queue (reject-publish) nacks, an unroutable route returns, and
+    the messages around them are confirmed."""
+    full = f"cpt_full_{uuid.uuid4().hex[:8]}"
+    ok = f"cpt_ok_{uuid.uuid4().hex[:8]}"
+    async with amqp.channel() as channel:
+        await channel.declare_queue(
+            full, auto_delete=False, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        await channel.declare_queue(ok, auto_delete=False)
+        publisher = await ConfirmedPublisher.open(amqp, timeout_s=10)
+        try:
+            routes = {f"m{i}": (full, ok, "cpt-no-such-queue")[i % 3] for i in range(30)}
+            results = await asyncio.gather(
+                *(publisher.publish("", route, b"{}", message_id=m) for m, route in routes.items()),
+                return_exceptions=True,
+            )
+            for (m, route), result in zip(routes.items(), results, strict=True):
+                if route == ok:
+                    assert result is None, (m, result)
+                else:
+                    assert isinstance(result, PublishFailedError), (m, route, result)
+            assert "DeliveryError" in str(results[0]) and "PublishError" in str(results[2])
+        finally:
+            await publisher.close()
+            await channel.queue_delete(full)
+            await channel.queue_delete(ok)
+
+
+async def test_no_confirm_in_time_fails_the_publish_and_the_next_one_goes_through(
+    amqp: AbstractRobustConnection, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = f"cpt_slow_{uuid.uuid4().hex[:8]}"
+    async with amqp.channel() as channel:
+        await channel.declare_queue(name, auto_delete=False)
+        publisher = await ConfirmedPublisher.open(amqp, timeout_s=10)
+        try:
+            with pytest.raises(PublishFailedError, match="no confirm within"):
+                await publisher.publish("", name, b"{}", message_id="late", timeout_s=1e-6)
+            await publisher.publish("", name, b"{}", message_id="next")
+            # The late confirm, if the message went out, is dropped quietly.
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        finally:
+            await publisher.close()
+            await channel.queue_delete(name)
