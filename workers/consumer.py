@@ -17,10 +17,12 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from callpipe.broker import plain_headers
 from schemas.topology import Kind
+from workers.acks import AckWindow, Release
 from workers.batch import halves
 from workers.delivery import ReceivedWebhook, decode_delivery
 from workers.errors import (
@@ -73,6 +75,10 @@ class CallConsumer:
         self._arrived = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
         self._random = random.Random()
+        # Acks of committed deliveries go out as one `multiple` ack per run (workers/acks.py),
+        # on the channel the current deliveries came on; a reconnect starts a new window.
+        self._acks = AckWindow()
+        self._acks_channel: aiormq.abc.AbstractChannel | None = None
 
     async def run(self, stop: asyncio.Event, shutdown_timeout_s: float) -> None:
         """Consume until `stop` is set, then finish (and ack) what is held."""
@@ -113,6 +119,11 @@ class CallConsumer:
         # Only queued here: the work runs in tasks of ours, so a dropped channel (which cancels
         # aio-pika's delivery tasks) cannot cut a batch between its commit and its acks.
         self._metrics.in_flight.take(message)
+        channel = _channel_of(message)
+        if channel is not self._acks_channel:
+            self._acks, self._acks_channel = AckWindow(), channel
+        if message.delivery_tag is not None:
+            self._acks.delivered(message.delivery_tag)
         self._waiting.append(message)
         self._arrived.set()
 
@@ -183,8 +194,8 @@ class CallConsumer:
                 continue
             self._relay.hand_over(stored.events)
             failpoint("consumer.before_ack", ",".join(webhook.event_id for _, webhook in items))
-            for (message, _), recorded in zip(items, stored.recorded, strict=True):
-                await self._settle(message, ack=True)
+            await self._ack([message for message, _ in items])
+            for recorded in stored.recorded:
                 (self._metrics.processed if recorded.stored else self._metrics.duplicates).inc()
             return
 
@@ -201,16 +212,22 @@ class CallConsumer:
         if self._stopping.is_set():
             # Shutting down: hand them back to the broker for another worker.
             for message, _ in items:
-                await self._settle(message, ack=False)
+                await self._hand_back(message)
             return False
-        await self._back_off(failures)
+        await self._back_off(failures, [message for message, _ in items])
         return True
 
-    async def _back_off(self, failures: int) -> None:
-        """Wait before the next attempt; a stop cuts the wait short."""
+    async def _back_off(self, failures: int, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Wait before the next attempt; a stop cuts the wait short. Meanwhile the deliveries
+        after these are acked without waiting for them."""
+        tags = self._tags_in_window(messages)
+        await self._send_acks(self._acks.retrying(tags))
         delay = backoff_delay(failures, self._policy, self._random)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+        finally:
+            self._acks.resumed(tags)
 
     async def _give_up(self, message: AbstractIncomingMessage, error: Exception) -> None:
         """Keep a delivery that can never be stored in `{ns}.dead`, then ack it; while the
@@ -231,21 +248,72 @@ class CallConsumer:
                     error,
                 )
                 if self._stopping.is_set():
-                    await self._settle(message, ack=False)
+                    await self._hand_back(message)
                     return
-                await self._back_off(failures)
+                await self._back_off(failures, [message])
         log.error("delivery %s dead-lettered: %s", message.message_id, reason)
-        await self._settle(message, ack=True)
+        await self._ack([message])
         self._metrics.dead_lettered.inc()
 
-    async def _settle(self, message: AbstractIncomingMessage, *, ack: bool) -> None:
-        """Ack, or hand back; after a reconnect the delivery tag is stale and the broker
-        redelivers anyway."""
+    async def _ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+        """Ack deliveries whose work is done: those of the current channel through the window,
+        any from an earlier channel alone (the broker redelivers those anyway)."""
+        for message in messages:
+            self._count_settled(message)
+        tags = self._tags_in_window(messages)
+        await self._send_acks(self._acks.ready(tags))
+        if len(tags) < len(messages):
+            for message in messages:
+                if not self._in_window(message):
+                    await self._settle_alone(message, ack=True)
+
+    async def _hand_back(self, message: AbstractIncomingMessage) -> None:
+        self._count_settled(message)
+        if self._in_window(message):
+            await self._send_acks(self._acks.settled_alone(self._tags_in_window([message])))
+        await self._settle_alone(message, ack=False)
+
+    def _in_window(self, message: AbstractIncomingMessage) -> bool:
+        return message.delivery_tag is not None and _channel_of(message) is self._acks_channel
+
+    def _tags_in_window(self, messages: Sequence[AbstractIncomingMessage]) -> list[int]:
+        return [
+            m.delivery_tag
+            for m in messages
+            if m.delivery_tag is not None and _channel_of(m) is self._acks_channel
+        ]
+
+    async def _send_acks(self, release: Release) -> None:
+        channel = self._acks_channel
+        try:
+            if channel is None:
+                raise aiormq.exceptions.ChannelInvalidStateError("no channel")
+            if release.multiple_up_to is not None:
+                await channel.basic_ack(release.multiple_up_to, multiple=True)
+            for tag in release.alone:
+                await channel.basic_ack(tag)
+        except Exception as exc:
+            log.warning("could not ack deliveries (the broker will redeliver them): %s", exc)
+
+    def _count_settled(self, message: AbstractIncomingMessage) -> None:
         taken_at = self._metrics.in_flight.taken_at.get(message)
         self._metrics.in_flight.settle(message)
         if taken_at is not None:
             self._metrics.processing_seconds.observe(time.monotonic() - taken_at)
+
+    @staticmethod
+    async def _settle_alone(message: AbstractIncomingMessage, *, ack: bool) -> None:
+        """Ack, or hand back, one delivery; after a reconnect the delivery tag is stale and
+        the broker redelivers anyway."""
         try:
             await (message.ack() if ack else message.nack(requeue=True))
         except Exception as exc:
             log.warning("could not settle delivery (the broker will redeliver it): %s", exc)
+
+
+def _channel_of(message: AbstractIncomingMessage) -> aiormq.abc.AbstractChannel | None:
+    """The protocol channel a delivery came on (None once that channel is closed)."""
+    try:
+        return message.channel
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return None

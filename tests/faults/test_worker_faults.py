@@ -568,3 +568,36 @@ async def test_a_poison_webhook_in_a_batch_is_found_and_dead_lettered_and_the_re
     assert len(dead.messages) == 1
     split = [r.getMessage() for r in caplog.records if "storing it in halves" in r.getMessage()]
     assert split, "the poison was never in a batch with others"
+
+
+async def test_a_delivery_that_waits_out_retries_holds_neither_the_acks_nor_the_prefetch(
+    services: Services,
+    namespace: str,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    workers: Workers,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Acks go out as one `multiple` ack for the run of committed deliveries at the front.
+    A delivery that fails again and again (here a serialization failure on every try,
+    retried without end) must not keep the ones after it unacked: with a prefetch of 16,
+    40 later webhooks are all stored while it still waits, and the broker then holds only it."""
+    settings = make_settings(services, namespace, prefetch=16)
+    await refuse_call(db, namespace, "stuck", message="try again", errcode="40001")
+    workers.start(settings, "end")
+    await publish(amqp, settings.topology, [webhook("stuck")])
+
+    async def retrying() -> bool:
+        return any("acme:stuck:end failed" in r.getMessage() for r in caplog.records)
+
+    await wait_for(retrying, what="the first retry of the stuck delivery")
+    await publish(amqp, settings.topology, [webhook(f"after-{n}") for n in range(40)])
+
+    async def all_stored() -> bool:
+        return await stored_calls(db, settings) == 40
+
+    await wait_for(all_stored, what="the 40 webhooks after it stored (more than the prefetch)")
+    assert await queue_depth(amqp, settings.topology.call_queue("end")) == 0
+    await workers.stop_all()
+    # Stopped: it alone was handed back; the 40 were acked.
+    assert await queue_depth(amqp, settings.topology.call_queue("end")) == 1
