@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -121,8 +122,15 @@ RETURNING project, {", ".join(RETURNED_COLUMNS)}
 
 UPSERT_CALLS = _upsert_calls_sql()
 
-# Every call and caller of the batch, in the one order all workers lock in (workers/batch.py).
-LOCK_KEYS = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS k"
+
+def begin_and_lock_sql(ids: Sequence[int]) -> str:
+    """One round trip that opens a batch's transaction and takes the advisory locks of every
+    call and caller of the batch, in the one order all workers lock in (workers/batch.py). The
+    ids are integers computed here, written into the text as numbers: a query of two
+    statements cannot take parameters."""
+    array = ",".join(str(int(lock)) for lock in ids)
+    return f"BEGIN; SELECT pg_advisory_xact_lock(k) FROM unnest('{{{array}}}'::bigint[]) AS k"
+
 
 CLAIM_EVENTS = """
 INSERT INTO call_events (event_id, project, call_id, kind, received_at, payload)
@@ -230,9 +238,9 @@ async def create_pool(database_url: str, namespace: str, max_size: int) -> async
         server_settings={
             "search_path": f'"{namespace}"',
             "application_name": "callpipe-worker",
-            # Plan each batch for the tables as they are now. A generic plan made while
+            # Plan each statement for the tables as they are now. A generic plan made while
             # `calls` was empty counts repeat callers by scanning the project's calls, not
-            # the caller's index, and gets slower with every row.
+            # the caller's index, and gets slower with every row until the table is analyzed.
             "plan_cache_mode": "force_custom_plan",
         },
         command_timeout=30,
@@ -257,8 +265,7 @@ class PostgresCallStore:
         webhooks = [webhook for webhook, _ in items]
         keys = [_keys(webhook, call) for webhook, call in items]
         firsts = first_of_each([webhook.event_id for webhook in webhooks])
-        async with self._transaction() as conn:
-            await conn.execute(LOCK_KEYS, lock_ids([keys[i] for i in firsts]))
+        async with self._locked_transaction(lock_ids([keys[i] for i in firsts])) as conn:
             claimed = {
                 row["event_id"]
                 for row in await conn.fetch(CLAIM_EVENTS, [_claim_row(webhooks[i]) for i in firsts])
@@ -290,16 +297,42 @@ class PostgresCallStore:
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        try:
+        with _database_errors():
             async with self._pool.acquire() as conn, conn.transaction():
                 yield conn
-        except _TRANSIENT as exc:
-            raise TransientError(f"database: {type(exc).__name__}: {exc}") from exc
-        except asyncpg.DataError as exc:
-            # Not the message text: asyncpg quotes the offending value, which may be personal.
-            raise PermanentError(
-                f"database refused the data: {type(exc).__name__} ({exc.sqlstate})"
-            ) from exc
+
+    @asynccontextmanager
+    async def _locked_transaction(
+        self, ids: Sequence[int]
+    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """A transaction that holds the advisory locks `ids`, opened in one round trip
+        (`begin_and_lock_sql`); committed when the block ends, else rolled back."""
+        with _database_errors():
+            async with self._pool.acquire() as conn:
+                await conn.execute(begin_and_lock_sql(ids))
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.is_in_transaction():
+                        # A broken connection cannot roll back: the pool's reset then drops it.
+                        with contextlib.suppress(Exception):
+                            await conn.execute("ROLLBACK")
+                    raise
+                await conn.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def _database_errors() -> Iterator[None]:
+    """PostgreSQL's errors as the consume loop's: transient ones retried, refused data not."""
+    try:
+        yield
+    except _TRANSIENT as exc:
+        raise TransientError(f"database: {type(exc).__name__}: {exc}") from exc
+    except asyncpg.DataError as exc:
+        # Not the message text: asyncpg quotes the offending value, which may be personal.
+        raise PermanentError(
+            f"database refused the data: {type(exc).__name__} ({exc.sqlstate})"
+        ) from exc
 
 
 def _keys(webhook: ReceivedWebhook, call: CallFields) -> list[str]:
