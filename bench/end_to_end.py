@@ -32,8 +32,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aio_pika
-import aiohttp
 import asyncpg
+import orjson
 from aio_pika.abc import AbstractConnection
 from benchlib import (
     BENCH_PROJECT,
@@ -59,10 +59,10 @@ from benchlib import (
     run_bench,
     wait_http_ok,
 )
+from http_load import LeanHttpClient, post_request
 
 from schemas.topology import Topology
 
-HEADERS = {"Content-Type": "application/json"}
 WARMUP_CALLS = 20
 MAX_WEBHOOKS = 200_000  # per rate: payloads are built in memory before the window
 GEN_MIN_PCT = 97.0  # the generator kept at least this share of its schedule ...
@@ -150,8 +150,7 @@ def cpu_percent(
 @dataclass(frozen=True, slots=True)
 class Shot:
     offset_s: float  # slot, from the start of the window
-    url: str
-    body: bytes
+    request: bytes  # the whole HTTP request
     event_id: str
 
 
@@ -166,7 +165,7 @@ class Sent:
 
 
 def schedule(
-    payloads: Payloads, base: str, first: int, calls: int, rate: float, end_delay_s: float
+    payloads: Payloads, port: int, first: int, calls: int, rate: float, end_delay_s: float
 ) -> list[Shot]:
     """Starts every 2/R s; each call's end 1/R s after its start plus `end_delay_s` (rounded to
     whole pairs), so a webhook comes every 1/R s: two interleaved streams of R/2."""
@@ -178,34 +177,33 @@ def schedule(
         bodies = {"start": (n * pair_s, start), "end": (n * pair_s + lag_s, payloads.end(start))}
         for kind, (offset, body) in bodies.items():
             event_id = f"{BENCH_PROJECT}:{payloads.call_id(index)}:{kind}"
-            shots.append(Shot(offset, f"{base}/call-{kind}", encode(body), event_id))
+            path = f"/roistat/{BENCH_TOKEN}/call-{kind}"
+            request = post_request(LOCALHOST, port, path, encode(body), "application/json")
+            shots.append(Shot(offset, request, event_id))
     shots.sort(key=lambda shot: shot.offset_s)
     return shots
 
 
-async def post(session: aiohttp.ClientSession, shot: Shot, started: float) -> Sent:
+async def post(client: LeanHttpClient, shot: Shot, started: float) -> Sent:
     now = time.perf_counter()
     sent_at = time.time()
     status, spooled = None, False
     try:
-        async with session.post(shot.url, data=shot.body, headers=HEADERS) as response:
-            answer = await response.json(content_type=None)
-            status = response.status
-            spooled = isinstance(answer, dict) and answer.get("spooled") is True
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+        status, body = await client.request(shot.request)
+        answer = orjson.loads(body)
+        spooled = isinstance(answer, dict) and answer.get("spooled") is True
+    except (OSError, TimeoutError, ValueError):  # no answer, or one that is not JSON
         pass
     return Sent(shot.event_id, sent_at, now, now - (started + shot.offset_s), status, spooled)
 
 
-async def drive(
-    session: aiohttp.ClientSession, shots: Sequence[Shot], started: float
-) -> list[Sent]:
+async def drive(client: LeanHttpClient, shots: Sequence[Shot], started: float) -> list[Sent]:
     """Open loop: one task per webhook, created at its slot; answers are never waited for."""
     tasks = []
     for shot in shots:
         # sleep(0) when behind still yields, so the sends already due go out first.
         await asyncio.sleep(max(0.0, started + shot.offset_s - time.perf_counter()))
-        tasks.append(asyncio.create_task(post(session, shot, started)))
+        tasks.append(asyncio.create_task(post(client, shot, started)))
     return list(await asyncio.gather(*tasks))
 
 
@@ -292,7 +290,6 @@ async def run_rate(
     env = callpipe_env(*urls, http_port=str(port), spool_dir=spool_dir, log_level=args.log_level)
     env["CALLPIPE_DRAIN_S"] = "0"  # on SIGTERM the ingress stops at once: no load balancer here
     base = f"http://{LOCALHOST}:{port}"
-    roistat = f"{base}/roistat/{BENCH_TOKEN}"
     pg_port = urlsplit(args.database_url).port or 5432
     table = f'"{namespace}".call_events'
     result = Result(rate)
@@ -311,28 +308,29 @@ async def run_rate(
                 f"worker-{kind}-{tag}", argv, {**env, "CALLPIPE_METRICS_PORT": str(metrics_port)}
             )
         payloads = Payloads(args.seed)
-        warmup = schedule(payloads, roistat, 0, WARMUP_CALLS, 50.0, args.end_delay)
+        warmup = schedule(payloads, port, 0, WARMUP_CALLS, 50.0, args.end_delay)
         calls = max(1, round(rate * args.duration / 2))
-        shots = schedule(payloads, roistat, WARMUP_CALLS, calls, rate, args.end_delay)
+        shots = schedule(payloads, port, WARMUP_CALLS, calls, rate, args.end_delay)
         result.scheduled_s = shots[-1].offset_s
         for url in ready:
             await wait_http_ok(url, procs, what="callpipe")
         pool = await asyncpg.create_pool(args.database_url, min_size=1, max_size=2)
-        connector = aiohttp.TCPConnector(limit=args.connections)
-        timeout = aiohttp.ClientTimeout(total=30)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        client = LeanHttpClient(LOCALHOST, port, args.connections, timeout_s=30)
+        try:
             # Untimed: connections opened, the workers' first queries and publishes done.
-            warm = await drive(session, warmup, time.perf_counter())
+            warm = await drive(client, warmup, time.perf_counter())
             await wait_for_events(pool, table, len(warm), time.monotonic() + 30, procs)
             print(f"    {len(shots)} webhooks over {result.scheduled_s:.1f}s ...")
             before = cpu_ticks(await pids_by_group(pool, pg_port))
             gc.freeze()  # the payloads stay: no full collection walks them (a pause of ~0.1 s)
             started = time.perf_counter()
-            result.sent = await drive(session, shots, started)
+            result.sent = await drive(client, shots, started)
             result.window_s = time.perf_counter() - started
             gc.unfreeze()
             after = cpu_ticks(await pids_by_group(pool, pg_port))
             result.cpu = cpu_percent(before, after, result.window_s)
+        finally:
+            client.close()
         deadline = time.monotonic() + args.drain_timeout
         expected = sum(one.status == 200 for one in [*warm, *result.sent])
         await wait_for_events(pool, table, expected, deadline, procs)
@@ -412,7 +410,7 @@ async def bench(args: argparse.Namespace, procs: Subprocesses) -> int:
         search = f", then +{args.search_step:g} while p99 <= {args.p99_ms:g} ms" * args.search
         print(f"  rates (webhooks/s): {', '.join(f'{r:g}' for r in args.rates)}{search}")
         print(f"  {args.duration:g}s each, open loop, a call's end {args.end_delay:g}s after start")
-        print(f"  client: this process, <= {args.connections} connections")
+        print(f"  client: this process (bench/http_load.py), <= {args.connections} connections")
         print(f"  drain deadline {args.drain_timeout:g}s after the last POST")
         print(f"  log level {args.log_level}; RabbitMQ {await broker_version(connection)}")
         print(f"  {machine_line()}")
