@@ -214,7 +214,8 @@ class ConfirmedPublisher:
                     headers=headers,
                     max_body_frame=channel.max_content_size,
                 )
-                await self._send(_Outgoing(channel, method + content, message_id), timeout_s)
+                message = _Outgoing(channel, method + content, message_id, timeout_s)
+                await self._send(message)
             finally:
                 del self._publishing[message_id]
                 done.set_result(None)
@@ -233,13 +234,13 @@ class ConfirmedPublisher:
             self._method_frames[key] = method
         return method
 
-    async def _send(self, message: _Outgoing, timeout_s: float) -> None:
+    async def _send(self, message: _Outgoing) -> None:
         """Queue the message for the next write and wait for its confirm. A nack raises
         aiormq's DeliveryError, a return (mandatory) its PublishError."""
         self._outgoing.append(message)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_outgoing())
-        expiry = asyncio.get_running_loop().call_later(timeout_s, message.expire)
+        expiry = asyncio.get_running_loop().call_at(message.deadline, message.expire)
         try:
             await message.confirmation
         except asyncio.CancelledError:
@@ -255,7 +256,8 @@ class ConfirmedPublisher:
             while self._outgoing:
                 queued, self._outgoing = self._outgoing, []
                 for channel, messages in itertools.groupby(queued, key=lambda m: m.channel):
-                    await _write_round(channel, [m for m in messages if not m.confirmation.done()])
+                    live = [m for m in messages if not m.confirmation.done()]
+                    await _write_round(channel, live)
         finally:
             self._writer = None
 
@@ -320,12 +322,15 @@ def _can_write_frames(channel: aiormq.Channel) -> bool:
 class _Outgoing:
     """One message's frames, waiting for its round and then for its confirm."""
 
-    __slots__ = ("channel", "confirmation", "expired", "frames", "message_id")
+    __slots__ = ("channel", "confirmation", "deadline", "expired", "frames", "message_id")
 
-    def __init__(self, channel: aiormq.Channel, frames: bytes, message_id: str) -> None:
+    def __init__(
+        self, channel: aiormq.Channel, frames: bytes, message_id: str, timeout_s: float
+    ) -> None:
         self.channel = channel
         self.frames = frames
         self.message_id = message_id
+        self.deadline = asyncio.get_running_loop().time() + timeout_s  # loop time
         # A future of the channel's: aiormq fails it with the reason when the channel closes.
         self.confirmation: asyncio.Future[Any] = channel.create_future()
         self.expired = False
@@ -339,11 +344,15 @@ class _Outgoing:
 
 async def _write_round(channel: aiormq.Channel, messages: list[_Outgoing]) -> None:
     """Give the messages consecutive delivery tags in the channel, as its `basic_publish`
-    would, and hand their frames to the connection's writer in one piece."""
+    would, and hand their frames to the connection's writer in one piece. Waiting for the
+    channel's lock or for room in the writer's queue (a connection whose writer has died
+    never makes room) ends when the last of their publishers stops waiting: the round
+    fails and gives its tags back, and the rounds after it still go."""
     if not messages:
         return
     try:
-        async with channel.lock:  # raises if the channel is closed
+        deadline = max(message.deadline for message in messages)
+        async with asyncio.timeout_at(deadline), channel.lock:  # the lock raises once closed
             before = channel.delivery_tag
             for message in messages:
                 channel.delivery_tag += 1

@@ -12,6 +12,7 @@ import aiormq
 import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from callpipe_testing import wait_for
 
 from callpipe.broker import ConfirmedPublisher, PublishFailedError, _can_write_frames
 
@@ -129,5 +130,43 @@ async def test_no_confirm_in_time_fails_the_publish_and_the_next_one_goes_throug
             # The late confirm, if the message went out, is dropped quietly.
             assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
         finally:
+            await publisher.close()
+            await channel.queue_delete(name)
+
+
+async def test_a_writer_that_makes_no_room_fails_the_round_and_the_next_one_goes_through(
+    amqp: AbstractRobustConnection,
+) -> None:
+    """A connection whose writer has died never takes another frame. The round that waits for
+    room fails when the publish's time is up, gives its delivery tags back, and does not
+    stop the rounds after it (which would all time out, and the ingress spool everything)."""
+    name = f"cpt_stuck_{uuid.uuid4().hex[:8]}"
+    async with amqp.channel() as channel:
+        await channel.declare_queue(name, auto_delete=False)
+        publisher = await ConfirmedPublisher.open(amqp, timeout_s=10)
+        underlay = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
+        real_queue = underlay.write_queue
+        try:
+            full: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
+            full.put_nowait(object())
+            underlay.write_queue = full  # as if the connection's writer had stopped
+            tag_before = underlay.delivery_tag
+            with pytest.raises(PublishFailedError, match="no confirm within"):
+                await publisher.publish("", name, b"{}", message_id="stuck", timeout_s=0.3)
+
+            async def given_back() -> bool:
+                return underlay.delivery_tag == tag_before and not underlay.confirmations
+
+            await wait_for(given_back, seconds=5, what="the round's delivery tag given back")
+            underlay.write_queue = real_queue
+            await asyncio.wait_for(
+                publisher.publish("", name, b"{}", message_id="after", timeout_s=5), timeout=10
+            )
+            queue = await channel.get_queue(name)
+            message = await queue.get(timeout=5)
+            assert message.message_id == "after"
+            await message.ack()
+        finally:
+            underlay.write_queue = real_queue
             await publisher.close()
             await channel.queue_delete(name)
