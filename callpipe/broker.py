@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import re
@@ -18,10 +17,10 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     HeadersType,
 )
-from aiormq.abc import ChannelFrame
 
 from callpipe import amqp_frames
 from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds, QueueBound, kept_queue_arguments
+from callpipe.publish_rounds import Outgoing, can_write_frames, write_round
 from callpipe.retry import retry_until_done
 from schemas.topology import DELIVERY_LIMIT, Topology
 
@@ -162,7 +161,7 @@ class ConfirmedPublisher:
         self._timeout_s = timeout_s
         self._publishing: dict[str, asyncio.Future[None]] = {}  # message ids in flight
         self._method_frames: dict[tuple[int, str, str, bool], bytes] = {}
-        self._outgoing: list[_Outgoing] = []
+        self._outgoing: list[Outgoing] = []
         self._writer: asyncio.Task[None] | None = None
 
     @classmethod
@@ -198,7 +197,7 @@ class ConfirmedPublisher:
                     raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
                 # aio-pika's channels are aiormq's `Channel`.
                 channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-                if not _can_write_frames(channel):
+                if not can_write_frames(channel):
                     await self._publish_through_aiormq(
                         channel, exchange, routing_key, body, message_id, headers, mandatory,
                         timeout_s,
@@ -214,7 +213,7 @@ class ConfirmedPublisher:
                     headers=headers,
                     max_body_frame=channel.max_content_size,
                 )
-                message = _Outgoing(channel, method + content, message_id, timeout_s)
+                message = Outgoing(channel, method + content, message_id, timeout_s)
                 await self._send(message)
             finally:
                 del self._publishing[message_id]
@@ -234,7 +233,7 @@ class ConfirmedPublisher:
             self._method_frames[key] = method
         return method
 
-    async def _send(self, message: _Outgoing) -> None:
+    async def _send(self, message: Outgoing) -> None:
         """Queue the message for the next write and wait for its confirm. A nack raises
         aiormq's DeliveryError, a return (mandatory) its PublishError."""
         self._outgoing.append(message)
@@ -257,7 +256,7 @@ class ConfirmedPublisher:
                 queued, self._outgoing = self._outgoing, []
                 for channel, messages in itertools.groupby(queued, key=lambda m: m.channel):
                     live = [m for m in messages if not m.confirmation.done()]
-                    await _write_round(channel, live)
+                    await write_round(channel, live)
         finally:
             self._writer = None
 
@@ -307,85 +306,6 @@ class ConfirmedPublisher:
 
 
 CONTENT_TYPE = "application/json"
-
-# What `_write_round` uses of aiormq's `Channel` besides its public methods.
-_CHANNEL_STATE = (
-    "delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue",
-    "max_content_size", "lock", "number", "create_future",
-)  # fmt: skip
-
-
-def _can_write_frames(channel: aiormq.Channel) -> bool:
-    return channel.publisher_confirms and all(hasattr(channel, name) for name in _CHANNEL_STATE)
-
-
-class _Outgoing:
-    """One message's frames, waiting for its round and then for its confirm."""
-
-    __slots__ = ("channel", "confirmation", "deadline", "expired", "frames", "message_id")
-
-    def __init__(
-        self, channel: aiormq.Channel, frames: bytes, message_id: str, timeout_s: float
-    ) -> None:
-        self.channel = channel
-        self.frames = frames
-        self.message_id = message_id
-        self.deadline = asyncio.get_running_loop().time() + timeout_s  # loop time
-        # A future of the channel's: aiormq fails it with the reason when the channel closes.
-        self.confirmation: asyncio.Future[Any] = channel.create_future()
-        self.expired = False
-
-    def expire(self) -> None:
-        # Cancelled, not failed: aiormq drops a late confirm of a cancelled publish quietly.
-        if not self.confirmation.done():
-            self.expired = True
-            self.confirmation.cancel()
-
-
-async def _write_round(channel: aiormq.Channel, messages: list[_Outgoing]) -> None:
-    """Give the messages consecutive delivery tags in the channel, as its `basic_publish`
-    would, and hand their frames to the connection's writer in one piece. Waiting for the
-    channel's lock or for room in the writer's queue (a connection whose writer has died
-    never makes room) ends when the last of their publishers stops waiting: the round
-    fails and gives its tags back, and the rounds after it still go."""
-    if not messages:
-        return
-    try:
-        deadline = max(message.deadline for message in messages)
-        async with asyncio.timeout_at(deadline), channel.lock:  # the lock raises once closed
-            before = channel.delivery_tag
-            for message in messages:
-                channel.delivery_tag += 1
-                tag = channel.delivery_tag
-                channel.confirmations[tag] = message.confirmation
-                channel.message_id_delivery_tag[message.message_id] = tag
-            frame = ChannelFrame(payload=b"".join(m.frames for m in messages), should_close=False)
-            try:
-                await channel.write_queue.put(frame)
-            except BaseException:
-                # Not written: the broker has not seen these tags; give them back.
-                for tag in range(before + 1, channel.delivery_tag + 1):
-                    channel.confirmations.pop(tag, None)
-                for message in messages:
-                    channel.message_id_delivery_tag.pop(message.message_id, None)
-                channel.delivery_tag = before
-                raise
-            for tag, message in enumerate(messages, start=before + 1):
-                message.confirmation.add_done_callback(
-                    functools.partial(_forget_message_id, channel, message.message_id, tag)
-                )
-    except Exception as exc:
-        for message in messages:
-            if not message.confirmation.done():
-                message.confirmation.set_exception(exc)
-
-
-def _forget_message_id(
-    channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]
-) -> None:
-    # aiormq finds a returned message's publish by its id while it is unconfirmed.
-    if channel.message_id_delivery_tag.get(message_id) == tag:
-        del channel.message_id_delivery_tag[message_id]
 
 
 def plain_headers(headers: HeadersType | None) -> dict[str, str]:

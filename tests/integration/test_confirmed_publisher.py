@@ -14,7 +14,8 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from callpipe_testing import wait_for
 
-from callpipe.broker import ConfirmedPublisher, PublishFailedError, _can_write_frames
+from callpipe.broker import ConfirmedPublisher, PublishFailedError
+from callpipe.publish_rounds import can_write_frames
 
 
 async def test_concurrent_duplicates_to_an_unroutable_route_all_fail(
@@ -54,7 +55,7 @@ async def test_a_round_of_concurrent_publishes_arrives_whole_with_its_properties
         try:
             underlay = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
             # Without this, every publish would go through aiormq's basic_publish.
-            assert _can_write_frames(underlay)
+            assert can_write_frames(underlay)
             big = b'{"blob": "' + b"x" * (3 * underlay.max_content_size) + b'"}'
             sent = {
                 f"acme:{i}:start": (
