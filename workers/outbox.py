@@ -128,20 +128,26 @@ class OutboxRelay:
         batch = [self._pending.popleft() for _ in range(count)]
         if self._metrics is not None:
             self._metrics.outbox_pending.set(len(self._pending))
+        confirmed: list[str] = []
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 locked = await conn.fetch(LOCK_FRESH, [event.event_id for event in batch])
                 mine = {row["event_id"] for row in locked}
-                await self._publish_and_mark(conn, [e for e in batch if e.event_id in mine])
+                events = [e for e in batch if e.event_id in mine]
+                await self._publish_and_mark(conn, events, confirmed)
         except DATABASE_TROUBLE as exc:
+            _warn_not_marked(confirmed)
             log.warning(
                 "could not publish %d events now (%r); they stay in the outbox", len(batch), exc
             )
+            return
+        self._count_published(confirmed)
 
     async def sweep(self) -> int:
         """Publish every left-over event, a batch at a time; the number published."""
         published = 0
         while True:
+            confirmed: list[str] = []
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
                     rows = await conn.fetch(
@@ -152,25 +158,30 @@ class OutboxRelay:
                     events = [stored_to_outbox(row["event_id"], row["event"]) for row in rows]
                     if events:
                         log.info("publishing %d events left in the outbox", len(events))
-                    done = await self._publish_and_mark(conn, events)
+                    await self._publish_and_mark(conn, events, confirmed)
             except DATABASE_TROUBLE as exc:
+                _warn_not_marked(confirmed)
                 log.warning("outbox sweep failed (%r); retried at the next sweep", exc)
                 return published
-            published += done
-            if len(rows) < self._settings.batch_max or done < len(rows):
+            self._count_published(confirmed)
+            published += len(confirmed)
+            if len(rows) < self._settings.batch_max or len(confirmed) < len(rows):
                 return published
 
     async def _publish_and_mark(
-        self, conn: asyncpg.pool.PoolConnectionProxy, events: list[OutboxEvent]
-    ) -> int:
+        self,
+        conn: asyncpg.pool.PoolConnectionProxy,
+        events: list[OutboxEvent],
+        confirmed: list[str],
+    ) -> None:
         """Publish `events` (their rows locked by `conn`'s transaction) with pipelined
-        confirms and mark the confirmed ones; the number marked."""
+        confirms and mark the confirmed ones, whose ids go to `confirmed`: if the mark or the
+        commit after it fails, the caller names them (they will go out again)."""
         if not events:
-            return 0
+            return
         results = await asyncio.gather(
             *(self._publisher.publish_stored(event) for event in events), return_exceptions=True
         )
-        confirmed: list[str] = []
         for event, result in zip(events, results, strict=True):
             if result is None:
                 confirmed.append(event.event_id)
@@ -181,15 +192,17 @@ class OutboxRelay:
                 )
         if confirmed:
             failpoint("outbox.after_confirm", ",".join(confirmed))
-            try:
-                await conn.execute(MARK_PUBLISHED, confirmed)
-            except DATABASE_TROUBLE:
-                for event_id in confirmed:
-                    log.warning("event %s published, not marked: it will go out again", event_id)
-                raise
-            if self._metrics is not None:
-                self._metrics.events_published.inc(len(confirmed))
-        return len(confirmed)
+            await conn.execute(MARK_PUBLISHED, confirmed)
+
+    def _count_published(self, event_ids: list[str]) -> None:
+        if self._metrics is not None and event_ids:
+            self._metrics.events_published.inc(len(event_ids))
+
+
+def _warn_not_marked(event_ids: list[str]) -> None:
+    """Confirmed by the broker, but their mark was not committed: the sweep sends them again."""
+    for event_id in event_ids:
+        log.warning("event %s published, not marked: it will go out again", event_id)
 
 
 async def _first_of(*events: asyncio.Event) -> None:
