@@ -79,6 +79,9 @@ class CallConsumer:
         # on the channel the current deliveries came on; a reconnect starts a new window.
         self._acks = AckWindow()
         self._acks_channel: aiormq.abc.AbstractChannel | None = None
+        # Acks leave in the order the window releases them: a `multiple` ack that overtook a
+        # lower one would make the broker close the channel over an unknown delivery tag.
+        self._acking = asyncio.Lock()
 
     async def run(self, stop: asyncio.Event, shutdown_timeout_s: float) -> None:
         """Consume until `stop` is set, then finish (and ack) what is held."""
@@ -221,7 +224,8 @@ class CallConsumer:
         """Wait before the next attempt; a stop cuts the wait short. Meanwhile the deliveries
         after these are acked without waiting for them."""
         tags = self._tags_in_window(messages)
-        await self._send_acks(self._acks.retrying(tags))
+        async with self._acking:
+            await self._send_acks(self._acks.retrying(tags))
         delay = backoff_delay(failures, self._policy, self._random)
         try:
             with contextlib.suppress(TimeoutError):
@@ -261,17 +265,22 @@ class CallConsumer:
         for message in messages:
             self._count_settled(message)
         tags = self._tags_in_window(messages)
-        await self._send_acks(self._acks.ready(tags))
+        async with self._acking:
+            await self._send_acks(self._acks.ready(tags))
         if len(tags) < len(messages):
             for message in messages:
                 if not self._in_window(message):
                     await self._settle_alone(message, ack=True)
 
     async def _hand_back(self, message: AbstractIncomingMessage) -> None:
+        """Nack first: until the window knows it settled, no `multiple` ack can pass it (an
+        ack past it before the nack would ack it, and the nack would then close the channel)."""
         self._count_settled(message)
-        if self._in_window(message):
-            await self._send_acks(self._acks.settled_alone(self._tags_in_window([message])))
         await self._settle_alone(message, ack=False)
+        if self._in_window(message):
+            tags = self._tags_in_window([message])
+            async with self._acking:
+                await self._send_acks(self._acks.settled_alone(tags))
 
     def _in_window(self, message: AbstractIncomingMessage) -> bool:
         return message.delivery_tag is not None and _channel_of(message) is self._acks_channel
@@ -284,6 +293,8 @@ class CallConsumer:
         ]
 
     async def _send_acks(self, release: Release) -> None:
+        if release.multiple_up_to is None and not release.alone:
+            return
         channel = self._acks_channel
         try:
             if channel is None:

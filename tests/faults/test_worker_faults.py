@@ -601,3 +601,52 @@ async def test_a_delivery_that_waits_out_retries_holds_neither_the_acks_nor_the_
     await workers.stop_all()
     # Stopped: it alone was handed back; the 40 were acked.
     assert await queue_depth(amqp, settings.topology.call_queue("end")) == 1
+
+
+async def test_a_delivery_handed_back_at_a_stop_is_not_acked_by_the_run_behind_it(
+    services: Services,
+    namespace: str,
+    amqp: AbstractRobustConnection,
+    db: asyncpg.Pool,
+    workers: Workers,
+) -> None:
+    """A delivery is still in the database while later ones are committed: their acks wait
+    behind it. The worker is stopped; the database then fails the slow one, which goes back
+    to the queue. Its nack must leave before the `multiple` ack of the run behind it: the
+    other way round, that ack would ack it too (lost), and the nack would close the channel."""
+    settings = make_settings(services, namespace, prefetch=32)
+    await db.execute(
+        f"""
+        CREATE FUNCTION "{namespace}".slow() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.call_id = 'slow' THEN
+                PERFORM pg_sleep(4);
+                RAISE EXCEPTION 'try again' USING ERRCODE = '40001';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER slow BEFORE INSERT ON "{namespace}".calls
+            FOR EACH ROW EXECUTE FUNCTION "{namespace}".slow();
+        """
+    )
+    workers.start(settings, "end")
+    await publish(amqp, settings.topology, [webhook("slow")])
+
+    async def sleeping() -> bool:
+        found: int = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+            " AND query LIKE '%INSERT INTO calls%'"
+        )
+        return found > 0
+
+    await wait_for(sleeping, what="the slow delivery in the database")
+    # Callers of their own: they must not wait for the slow one's caller lock.
+    behind = [webhook(f"behind-{n}", caller=f"7999100{n:04d}") for n in range(10)]
+    await publish(amqp, settings.topology, behind)
+
+    async def behind_stored() -> bool:
+        return await stored_calls(db, settings) == 10
+
+    await wait_for(behind_stored, what="the 10 webhooks behind it committed")
+    await workers.stop_all()  # returns once the slow one has failed and been handed back
+    assert await queue_depth(amqp, settings.topology.call_queue("end")) == 1
