@@ -243,9 +243,14 @@ class ConfirmedPublisher:
         try:
             await message.confirmation
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller is cancelled
             if message.expired:
                 raise TimeoutError from None
-            raise
+            # aio-pika fails pending confirms with a CancelledError when a connection dies
+            # of missed heartbeats: a failed publish, not a cancelled caller.
+            raise ConnectionError("the channel closed before the confirm") from None
         finally:
             expiry.cancel()
 

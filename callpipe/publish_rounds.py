@@ -58,6 +58,10 @@ async def write_round(channel: aiormq.Channel, messages: list[Outgoing]) -> None
     try:
         deadline = max(message.deadline for message in messages)
         async with asyncio.timeout_at(deadline), channel.lock:  # the lock raises once closed
+            # Expired while waiting here: their publishers were told they failed; not sent.
+            messages = [m for m in messages if not m.confirmation.done()]
+            if not messages:
+                return
             before = channel.delivery_tag
             for message in messages:
                 channel.delivery_tag += 1

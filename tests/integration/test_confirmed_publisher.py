@@ -171,3 +171,35 @@ async def test_a_writer_that_makes_no_room_fails_the_round_and_the_next_one_goes
             underlay.write_queue = real_queue
             await publisher.close()
             await channel.queue_delete(name)
+
+
+async def test_a_channel_closed_under_a_waiting_publish_fails_it_not_its_caller(
+    amqp: AbstractRobustConnection,
+) -> None:
+    """aiormq fails the pending confirms of a channel closing with a CancelledError (its
+    default, and aio-pika's when a connection dies of missed heartbeats). The publish must
+    fail as a publish: a CancelledError would end the caller's task as if it had been
+    cancelled (a worker's batch task, leaving its delivery unsettled; an ingress request,
+    never answered)."""
+    publisher = await ConfirmedPublisher.open(amqp, timeout_s=30)
+    underlay = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
+    real_queue = underlay.write_queue
+    try:
+        full: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
+        full.put_nowait(object())
+        underlay.write_queue = full  # the publish waits in its round, confirm pending
+        publishing = asyncio.create_task(
+            publisher.publish("", "cpt-anywhere", b"{}", message_id="closing")
+        )
+
+        async def waiting() -> bool:
+            return publisher._writer is not None
+
+        await wait_for(waiting, seconds=5, what="the publish waiting in its round")
+        # What aiormq does with a channel's futures when it closes with a CancelledError.
+        await underlay._cancel_tasks(asyncio.CancelledError())
+        with pytest.raises(PublishFailedError, match="closed before the confirm"):
+            await asyncio.wait_for(publishing, timeout=10)
+    finally:
+        underlay.write_queue = real_queue
+        await publisher.close()
