@@ -117,7 +117,10 @@ class OutboxRelay:
 
     async def _sweep_every(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.sweep()
+            try:
+                await self.sweep()
+            except Exception:  # a bug must not end the sweeping: left-overs would stay
+                log.exception("outbox sweep failed; retried at the next sweep")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._settings.sweep_every_s):
                     await stop.wait()
@@ -141,6 +144,9 @@ class OutboxRelay:
                 "could not publish %d events now (%r); they stay in the outbox", len(batch), exc
             )
             return
+        except BaseException:  # cancelled at a stop: the same may hold for what was confirmed
+            _warn_not_marked(confirmed)
+            raise
         self._count_published(confirmed)
 
     async def sweep(self) -> int:
@@ -163,6 +169,9 @@ class OutboxRelay:
                 _warn_not_marked(confirmed)
                 log.warning("outbox sweep failed (%r); retried at the next sweep", exc)
                 return published
+            except BaseException:
+                _warn_not_marked(confirmed)
+                raise
             self._count_published(confirmed)
             published += len(confirmed)
             if len(rows) < self._settings.batch_max or len(confirmed) < len(rows):

@@ -309,8 +309,8 @@ class PostgresCallStore:
         (`begin_and_lock_sql`); committed when the block ends, else rolled back."""
         with _database_errors():
             async with self._pool.acquire() as conn:
-                await conn.execute(begin_and_lock_sql(ids))
                 try:
+                    await conn.execute(begin_and_lock_sql(ids))
                     yield conn
                 except BaseException:
                     if conn.is_in_transaction():
