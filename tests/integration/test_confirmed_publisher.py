@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import cast
 
 import aio_pika
@@ -16,6 +18,20 @@ from callpipe_testing import wait_for
 
 from callpipe.broker import ConfirmedPublisher, PublishFailedError
 from callpipe.publish_rounds import can_write_frames
+
+
+@contextlib.contextmanager
+def writer_stopped(channel: aiormq.Channel) -> Iterator[None]:
+    """As if the connection's writer had stopped: the channel's writer queue is full and
+    never makes room. Put back when the block ends, failing or not."""
+    real_queue = channel.write_queue
+    full: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
+    full.put_nowait(object())
+    channel.write_queue = full
+    try:
+        yield
+    finally:
+        channel.write_queue = real_queue
 
 
 async def test_concurrent_duplicates_to_an_unroutable_route_all_fail(
@@ -146,20 +162,16 @@ async def test_a_writer_that_makes_no_room_fails_the_round_and_the_next_one_goes
         await channel.declare_queue(name, auto_delete=False)
         publisher = await ConfirmedPublisher.open(amqp, timeout_s=10)
         underlay = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
-        real_queue = underlay.write_queue
         try:
-            full: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
-            full.put_nowait(object())
-            underlay.write_queue = full  # as if the connection's writer had stopped
-            tag_before = underlay.delivery_tag
-            with pytest.raises(PublishFailedError, match="no confirm within"):
-                await publisher.publish("", name, b"{}", message_id="stuck", timeout_s=0.3)
+            with writer_stopped(underlay):
+                tag_before = underlay.delivery_tag
+                with pytest.raises(PublishFailedError, match="no confirm within"):
+                    await publisher.publish("", name, b"{}", message_id="stuck", timeout_s=0.3)
 
-            async def given_back() -> bool:
-                return underlay.delivery_tag == tag_before and not underlay.confirmations
+                async def given_back() -> bool:
+                    return underlay.delivery_tag == tag_before and not underlay.confirmations
 
-            await wait_for(given_back, seconds=5, what="the round's delivery tag given back")
-            underlay.write_queue = real_queue
+                await wait_for(given_back, seconds=5, what="the round's delivery tag given back")
             await asyncio.wait_for(
                 publisher.publish("", name, b"{}", message_id="after", timeout_s=5), timeout=10
             )
@@ -168,7 +180,6 @@ async def test_a_writer_that_makes_no_room_fails_the_round_and_the_next_one_goes
             assert message.message_id == "after"
             await message.ack()
         finally:
-            underlay.write_queue = real_queue
             await publisher.close()
             await channel.queue_delete(name)
 
@@ -183,23 +194,19 @@ async def test_a_channel_closed_under_a_waiting_publish_fails_it_not_its_caller(
     never answered)."""
     publisher = await ConfirmedPublisher.open(amqp, timeout_s=30)
     underlay = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
-    real_queue = underlay.write_queue
     try:
-        full: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
-        full.put_nowait(object())
-        underlay.write_queue = full  # the publish waits in its round, confirm pending
-        publishing = asyncio.create_task(
-            publisher.publish("", "cpt-anywhere", b"{}", message_id="closing")
-        )
+        with writer_stopped(underlay):  # the publish waits in its round, confirm pending
+            publishing = asyncio.create_task(
+                publisher.publish("", "cpt-anywhere", b"{}", message_id="closing")
+            )
 
-        async def waiting() -> bool:
-            return publisher._writer is not None
+            async def waiting() -> bool:
+                return publisher._writer is not None
 
-        await wait_for(waiting, seconds=5, what="the publish waiting in its round")
-        # What aiormq does with a channel's futures when it closes with a CancelledError.
-        await underlay._cancel_tasks(asyncio.CancelledError())
-        with pytest.raises(PublishFailedError, match="closed before the confirm"):
-            await asyncio.wait_for(publishing, timeout=10)
+            await wait_for(waiting, seconds=5, what="the publish waiting in its round")
+            # What aiormq does with a channel's futures when it closes with a CancelledError.
+            await underlay._cancel_tasks(asyncio.CancelledError())
+            with pytest.raises(PublishFailedError, match="closed before the confirm"):
+                await asyncio.wait_for(publishing, timeout=10)
     finally:
-        underlay.write_queue = real_queue
         await publisher.close()
