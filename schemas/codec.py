@@ -17,3 +17,8 @@ def loads(data: bytes | str) -> Any:
 def dumps(value: Any) -> bytes:
     """Serialise to compact UTF-8 JSON; datetimes become RFC 3339 strings."""
     return orjson.dumps(value, option=orjson.OPT_UTC_Z)
+
+
+def encoded(json: bytes) -> Any:
+    """JSON encoded already, to be embedded as it is in a value passed to `dumps`."""
+    return orjson.Fragment(json)

@@ -132,21 +132,22 @@ def begin_and_lock_sql(ids: Sequence[int]) -> str:
     return f"BEGIN; SELECT pg_advisory_xact_lock(k) FROM unnest('{{{array}}}'::bigint[]) AS k"
 
 
-CLAIM_EVENTS = """
-INSERT INTO call_events (event_id, project, call_id, kind, received_at, payload)
-SELECT v.event_id, v.project, v.call_id, v.kind, v.received_at, v.payload
-FROM jsonb_to_recordset($1::jsonb)
-    AS v(event_id text, project text, call_id text, kind text, received_at timestamptz,
-         payload jsonb)
-ORDER BY v.event_id
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id
+# Which of a batch's webhooks are stored already (duplicates, redeliveries). Read under the
+# advisory lock of each webhook's call, which every writer of a webhook's event id holds, so
+# no other transaction can store one of them before this one's insert.
+STORED_EVENT_IDS = """
+SELECT event_id FROM call_events WHERE event_id = ANY($1::text[])
 """
 
-SET_EVENTS = """
-UPDATE call_events AS e SET event = v.event::jsonb
-FROM unnest($1::text[], $2::text[]) AS v(event_id, event)
-WHERE e.event_id = v.event_id
+# The new webhooks with their events, in one insert: each row is written once, with the event
+# the relay will publish (an update of the row for the event cost more than all the rest).
+INSERT_EVENTS = """
+INSERT INTO call_events (event_id, project, call_id, kind, received_at, payload, event)
+SELECT v.event_id, v.project, v.call_id, v.kind, v.received_at, v.payload, v.event
+FROM jsonb_to_recordset($1::jsonb)
+    AS v(event_id text, project text, call_id text, kind text, received_at timestamptz,
+         payload jsonb, event jsonb)
+ORDER BY v.event_id
 """
 
 # One webhook at a time (the stale sweep).
@@ -256,21 +257,24 @@ class PostgresCallStore:
     ) -> StoredBatch:
         """Store a batch of webhooks in one transaction, each once, with its event.
 
-        Each webhook's event id is claimed; the claimed ones merge their call rows (in rounds,
-        see workers/batch.py) and their events, rendered from the merged rows, are written to
-        `call_events.event` in the same transaction: the outbox. Nothing waits for the broker
-        here; the relay publishes the events after the commit. A failure rolls the whole batch
-        back, and the redelivery starts over.
+        Under the advisory locks of their calls and callers, the webhooks whose event id is
+        not stored yet merge their call rows (in rounds, see workers/batch.py), and are stored
+        in `call_events` with their events, rendered from the merged rows, in the same
+        transaction: the outbox. Nothing waits for the broker here; the relay publishes the
+        events after the commit. A failure rolls the whole batch back, and the redelivery
+        starts over.
         """
         webhooks = [webhook for webhook, _ in items]
         keys = [_keys(webhook, call) for webhook, call in items]
         firsts = first_of_each([webhook.event_id for webhook in webhooks])
         async with self._locked_transaction(lock_ids([keys[i] for i in firsts])) as conn:
-            claimed = {
+            known = {
                 row["event_id"]
-                for row in await conn.fetch(CLAIM_EVENTS, [_claim_row(webhooks[i]) for i in firsts])
+                for row in await conn.fetch(
+                    STORED_EVENT_IDS, [webhooks[i].event_id for i in firsts]
+                )
             }
-            new = [i for i in firsts if webhooks[i].event_id in claimed]
+            new = [i for i in firsts if webhooks[i].event_id not in known]
             rendered: dict[int, OutboxEvent] = {}
             for round_ in rounds([keys[i] for i in new]):
                 batch = [(new[j], *items[new[j]]) for j in round_]
@@ -284,13 +288,10 @@ class PostgresCallStore:
                     row = merged[(webhook.project, webhook.call_id)]
                     # The event is the whole truth: the merged row, not only this webhook's part.
                     rendered[index] = render(webhook, row)
-            events = [rendered[index] for index in sorted(rendered)]  # in arrival order
+            order = sorted(rendered)  # arrival order
+            events = [rendered[index] for index in order]
             if events:
-                await conn.execute(
-                    SET_EVENTS,
-                    [event.event_id for event in events],
-                    [event.body.decode() for event in events],
-                )
+                await _insert_events(conn, [(webhooks[index], rendered[index]) for index in order])
                 failpoint("store.before_commit", ",".join(event.event_id for event in events))
         stored = set(new)
         return StoredBatch([Recorded(stored=i in stored) for i in range(len(webhooks))], events)
@@ -344,7 +345,19 @@ def _keys(webhook: ReceivedWebhook, call: CallFields) -> list[str]:
     return keys
 
 
-def _claim_row(webhook: ReceivedWebhook) -> dict[str, Any]:
+async def _insert_events(
+    conn: asyncpg.pool.PoolConnectionProxy, stored: Sequence[tuple[ReceivedWebhook, OutboxEvent]]
+) -> None:
+    rows = [_event_row(webhook, event) for webhook, event in stored]
+    try:
+        await conn.execute(INSERT_EVENTS, rows)
+    except asyncpg.UniqueViolationError as exc:
+        # Stored meanwhile by a writer that did not hold the call's lock: the retry sees it
+        # as stored.
+        raise TransientError(f"an event of the batch was stored meanwhile: {exc}") from exc
+
+
+def _event_row(webhook: ReceivedWebhook, event: OutboxEvent) -> dict[str, Any]:
     return {
         "event_id": webhook.event_id,
         "project": webhook.project,
@@ -352,6 +365,7 @@ def _claim_row(webhook: ReceivedWebhook) -> dict[str, Any]:
         "kind": webhook.kind,
         "received_at": webhook.received_at,
         "payload": webhook.document,
+        "event": codec.encoded(event.body),  # the bytes the relay publishes, not encoded again
     }
 
 

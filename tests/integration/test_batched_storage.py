@@ -18,7 +18,7 @@ from schemas.events import CallFields
 from schemas.topology import HEADER_KIND, HEADER_PROJECT, HEADER_RECEIVED_AT
 from workers.delivery import ReceivedWebhook, decode_delivery
 from workers.enrich import enrich
-from workers.errors import PermanentError
+from workers.errors import PermanentError, TransientError
 from workers.events import render_outbox
 from workers.storage import PostgresCallStore, StoredBatch, create_pool
 
@@ -111,6 +111,32 @@ async def test_a_failing_batch_leaves_nothing_behind(
         await store.record(items(received("ok"), received("bad")), render_outbox)
     assert await db.fetchval(f'SELECT count(*) FROM "{settings.namespace}".call_events') == 0
     assert await db.fetchval(f'SELECT count(*) FROM "{settings.namespace}".calls') == 0
+
+
+async def test_an_event_stored_meanwhile_without_the_lock_fails_the_batch_as_transient(
+    store: PostgresCallStore, db: asyncpg.Pool, settings: Settings
+) -> None:
+    """A writer that does not take the call's lock stores the event id between the lookup
+    and the insert (a trigger on `calls` plays it): the batch rolls back and is retried,
+    not dead-lettered; the retry sees the webhook as stored."""
+    ns = settings.namespace
+    await db.execute(
+        f"""
+        CREATE FUNCTION "{ns}".store_meanwhile() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO "{ns}".call_events (event_id, project, call_id, kind, received_at,
+                payload)
+            VALUES ('acme:' || NEW.call_id || ':end', 'acme', NEW.call_id, 'end', now(), '{{}}');
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER store_meanwhile BEFORE INSERT ON "{ns}".calls
+            FOR EACH ROW EXECUTE FUNCTION "{ns}".store_meanwhile();
+        """
+    )
+    with pytest.raises(TransientError, match="stored meanwhile"):
+        await store.record(items(received("raced")), render_outbox)
+    assert await db.fetchval(f'SELECT count(*) FROM "{ns}".call_events') == 0
+    assert await db.fetchval(f'SELECT count(*) FROM "{ns}".calls') == 0
 
 
 async def test_concurrent_batches_touching_the_same_calls_in_any_order_never_deadlock(
