@@ -1,4 +1,5 @@
-"""Migrations on a database that already holds calls: 0002 keeps them and fills `revision`."""
+"""Migrations on a database that already holds calls (0002 keeps them and fills `revision`),
+and what later ones set."""
 
 from __future__ import annotations
 
@@ -154,3 +155,22 @@ async def test_a_call_started_before_0002_ends_after_it_with_revision_2(
     assert event["call"]["roistat_param_1"] == "s1"
     assert event["call"]["start_received_at"] == "2026-11-25T07:00:00Z"
     assert event["call"]["end_received_at"] == "2026-11-25T07:05:00Z"
+
+
+async def test_call_events_compress_the_webhook_and_its_event_with_lz4_where_it_exists(
+    db: asyncpg.Pool, namespace: str
+) -> None:
+    """0005: lz4 on the two wide columns (a server built without lz4 keeps its default)."""
+    has_lz4 = await db.fetchval(
+        "SELECT count(*) = 1 FROM pg_config() WHERE name = 'CONFIGURE' AND setting LIKE '%lz4%'"
+    )
+    compression = await db.fetch(
+        "SELECT attname, attcompression::text FROM pg_attribute"
+        " WHERE attrelid = $1::regclass AND attname IN ('payload', 'event') ORDER BY attname",
+        f'"{namespace}".call_events',
+    )
+    expected = "l" if has_lz4 else ""
+    assert [(row["attname"], row["attcompression"]) for row in compression] == [
+        ("event", expected),
+        ("payload", expected),
+    ]
