@@ -6,7 +6,8 @@ import asyncio
 import itertools
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aio_pika
@@ -36,6 +37,18 @@ RECONNECT_S = 1.0
 
 class PublishFailedError(Exception):
     """The broker did not confirm the message: it may not be stored. Never answer 200."""
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One persistent message for `ConfirmedPublisher.publish_many`."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str
+    headers: Mapping[str, Any] | None = None
+    mandatory: bool = True
 
 
 def work_queue_arguments(topology: Topology) -> dict[str, Any]:
@@ -193,28 +206,17 @@ class ConfirmedPublisher:
             done = asyncio.get_running_loop().create_future()
             self._publishing[message_id] = done
             try:
-                if self._channel.is_closed:
-                    raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
-                # aio-pika's channels are aiormq's `Channel`.
-                channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+                channel = await self._underlay()
                 if not can_write_frames(channel):
                     await self._publish_through_aiormq(
                         channel, exchange, routing_key, body, message_id, headers, mandatory,
                         timeout_s,
                     )  # fmt: skip
                     return
-                method = self._method_frame(channel.number, exchange, routing_key, mandatory)
-                content = amqp_frames.content_frames(
-                    channel.number,
-                    body,
-                    content_type=CONTENT_TYPE,
-                    delivery_mode=PERSISTENT,
-                    message_id=message_id,
-                    headers=headers,
-                    max_body_frame=channel.max_content_size,
+                publication = Publication(
+                    exchange, routing_key, body, message_id, headers, mandatory
                 )
-                message = Outgoing(channel, method + content, message_id, timeout_s)
-                await self._send(message)
+                await self._send(self._outgoing_message(channel, publication, timeout_s))
             finally:
                 del self._publishing[message_id]
                 done.set_result(None)
@@ -222,6 +224,95 @@ class ConfirmedPublisher:
             raise PublishFailedError(f"no confirm within {timeout_s:g}s") from exc
         except Exception as exc:
             raise PublishFailedError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def publish_many(
+        self, publications: Sequence[Publication], timeout_s: float | None = None
+    ) -> list[PublishFailedError | None]:
+        """Publish messages together and wait for all their confirms (at most `timeout_s`):
+        per message None (confirmed) or why it failed. Same as a `publish` of each, gathered,
+        without a task, a coroutine and a timer per message: the outbox relay's batches."""
+        timeout_s = timeout_s or self._timeout_s
+        ids = [publication.message_id for publication in publications]
+        if len(set(ids)) < len(ids) or not self._publishing.keys().isdisjoint(ids):
+            # An id already in flight (a resent webhook's event, rare): one at a time.
+            return await self._publish_each(publications, timeout_s)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._publishing.update(dict.fromkeys(ids, done))
+        try:
+            channel = await self._underlay()
+            if not can_write_frames(channel):
+                return await self._publish_each(publications, timeout_s)
+            messages = [self._outgoing_message(channel, p, timeout_s) for p in publications]
+            return await self._send_all(messages, timeout_s)
+        except Exception as exc:
+            failed = PublishFailedError(f"{type(exc).__name__}: {exc}")
+            return [failed for _ in publications]
+        finally:
+            for message_id in ids:
+                del self._publishing[message_id]
+            done.set_result(None)
+
+    async def _publish_each(
+        self, publications: Sequence[Publication], timeout_s: float
+    ) -> list[PublishFailedError | None]:
+        async def one(publication: Publication) -> PublishFailedError | None:
+            try:
+                await self.publish(
+                    publication.exchange,
+                    publication.routing_key,
+                    publication.body,
+                    message_id=publication.message_id,
+                    headers=publication.headers,
+                    mandatory=publication.mandatory,
+                    timeout_s=timeout_s,
+                )
+            except PublishFailedError as exc:
+                return exc
+            return None
+
+        return list(await asyncio.gather(*(one(p) for p in publications)))
+
+    async def _underlay(self) -> aiormq.Channel:
+        if self._channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
+        # aio-pika's channels are aiormq's `Channel`.
+        return cast(aiormq.Channel, await self._channel.get_underlay_channel())
+
+    def _outgoing_message(
+        self, channel: aiormq.Channel, publication: Publication, timeout_s: float
+    ) -> Outgoing:
+        method = self._method_frame(
+            channel.number, publication.exchange, publication.routing_key, publication.mandatory
+        )
+        content = amqp_frames.content_frames(
+            channel.number,
+            publication.body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=PERSISTENT,
+            message_id=publication.message_id,
+            headers=publication.headers,
+            max_body_frame=channel.max_content_size,
+        )
+        return Outgoing(channel, method + content, publication.message_id, timeout_s)
+
+    async def _send_all(
+        self, messages: list[Outgoing], timeout_s: float
+    ) -> list[PublishFailedError | None]:
+        """Queue the messages for the next write and wait for every confirm, or the deadline."""
+        self._outgoing.extend(messages)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_outgoing())
+        confirmations = [message.confirmation for message in messages]
+        try:
+            await asyncio.wait(confirmations, timeout=timeout_s)
+        except asyncio.CancelledError:
+            for confirmation in confirmations:
+                confirmation.cancel()  # as an awaited `publish` would be
+            raise
+        for message in messages:
+            message.expire()
+        return [_failure(message, timeout_s) for message in messages]
 
     def _method_frame(
         self, channel: int, exchange: str, routing_key: str, mandatory: bool
@@ -311,6 +402,17 @@ class ConfirmedPublisher:
 
 
 CONTENT_TYPE = "application/json"
+
+
+def _failure(message: Outgoing, timeout_s: float) -> PublishFailedError | None:
+    """Why a settled message of `publish_many` failed; None when it was confirmed."""
+    confirmation = message.confirmation
+    if confirmation.cancelled() and not message.expired:
+        return PublishFailedError("ConnectionError: the channel closed before the confirm")
+    exc = None if confirmation.cancelled() else confirmation.exception()
+    if confirmation.cancelled() or isinstance(exc, TimeoutError):  # its round's deadline
+        return PublishFailedError(f"no confirm within {timeout_s:g}s")
+    return None if exc is None else PublishFailedError(f"{type(exc).__name__}: {exc}")
 
 
 def plain_headers(headers: HeadersType | None) -> dict[str, str]:

@@ -54,10 +54,10 @@ UPDATE call_events SET published_at = clock_timestamp() WHERE event_id = ANY($1:
 
 
 class EventPublisher(Protocol):
-    """The broker port: publish one event to `{ns}.events` and await its confirm; raises
-    `TransientError` when it is not confirmed."""
+    """The broker port: publish events to `{ns}.events` together and await their confirms;
+    per event None (confirmed) or the `TransientError` that says why not."""
 
-    async def publish_stored(self, event: OutboxEvent) -> None: ...
+    async def publish_all(self, events: Sequence[OutboxEvent]) -> Sequence[Exception | None]: ...
 
 
 @dataclass(frozen=True)
@@ -188,9 +188,7 @@ class OutboxRelay:
         commit after it fails, the caller names them (they will go out again)."""
         if not events:
             return
-        results = await asyncio.gather(
-            *(self._publisher.publish_stored(event) for event in events), return_exceptions=True
-        )
+        results = await self._publisher.publish_all(events)
         for event, result in zip(events, results, strict=True):
             if result is None:
                 confirmed.append(event.event_id)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from callpipe.broker import ConfirmedPublisher, PublishFailedError
+from callpipe.broker import ConfirmedPublisher, Publication, PublishFailedError
 from schemas.topology import HEADER_ERROR, Topology
 from workers.errors import TransientError
 from workers.events import OutboxEvent, stored_to_outbox
@@ -31,6 +32,17 @@ class AmqpEventPublisher:
             )
         except PublishFailedError as exc:
             raise TransientError(f"event not confirmed: {exc}") from exc
+
+    async def publish_all(self, events: Sequence[OutboxEvent]) -> list[TransientError | None]:
+        """Publish events from the outbox together; per event None (confirmed) or why not."""
+        exchange = self._topology.events_exchange
+        results = await self._publisher.publish_many(
+            [
+                Publication(exchange, e.routing_key, e.body, e.event_id, mandatory=False)
+                for e in events
+            ]
+        )
+        return [None if r is None else TransientError(f"event not confirmed: {r}") for r in results]
 
     async def publish_event(self, event: dict[str, Any]) -> None:
         """Publish an envelope (the stale sweep's, confirmed before its commit)."""

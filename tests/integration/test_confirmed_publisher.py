@@ -16,7 +16,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from callpipe_testing import wait_for
 
-from callpipe.broker import ConfirmedPublisher, PublishFailedError
+from callpipe.broker import ConfirmedPublisher, Publication, PublishFailedError
 from callpipe.publish_rounds import can_write_frames
 
 
@@ -210,3 +210,102 @@ async def test_a_channel_closed_under_a_waiting_publish_fails_it_not_its_caller(
                 await asyncio.wait_for(publishing, timeout=10)
     finally:
         await publisher.close()
+
+
+# --- publish_many: the outbox relay's batches --------------------------------------------
+
+
+async def test_publish_many_confirms_each_and_fails_only_its_own(
+    amqp: AbstractRobustConnection,
+) -> None:
+    """One batch: a full queue nacks, an unroutable mandatory message returns, an id twice in
+    the batch is published twice (one at a time), and the rest arrive as sent."""
+    full = f"cpt_full_{uuid.uuid4().hex[:8]}"
+    ok = f"cpt_ok_{uuid.uuid4().hex[:8]}"
+    async with amqp.channel() as channel:
+        await channel.declare_queue(
+            full, auto_delete=False, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        queue = await channel.declare_queue(ok, auto_delete=False)
+        publisher = await ConfirmedPublisher.open(amqp, timeout_s=10)
+        try:
+            routes = {f"m{i}": (full, ok, "cpt-no-such-queue")[i % 3] for i in range(30)}
+            batch = [Publication("", r, f'{{"m": "{m}"}}'.encode(), m) for m, r in routes.items()]
+            results = await publisher.publish_many(batch)
+            for (m, route), result in zip(routes.items(), results, strict=True):
+                assert (result is None) == (route == ok), (m, route, result)
+            assert "DeliveryError" in str(results[0]) and "PublishError" in str(results[2])
+            assert not publisher._publishing
+
+            twice = [Publication("", ok, b'{"again": 1}', "same", {"x-n": "1"})] * 2
+            assert await publisher.publish_many(twice) == [None, None]
+
+            received = {}
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    await message.ack()
+                    received.setdefault(message.message_id, []).append(message.body)
+                    if sum(map(len, received.values())) == 12:
+                        break
+            expected = {m: [f'{{"m": "{m}"}}'.encode()] for m, r in routes.items() if r == ok}
+            assert received == {**expected, "same": [b'{"again": 1}'] * 2}
+        finally:
+            await publisher.close()
+            await channel.queue_delete(full)
+            await channel.queue_delete(ok)
+
+
+async def test_publish_many_without_a_confirm_in_time_fails_each_and_the_next_goes(
+    amqp: AbstractRobustConnection,
+) -> None:
+    name = f"cpt_stuck_{uuid.uuid4().hex[:8]}"
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(name, auto_delete=False)
+        publisher = await ConfirmedPublisher.open(amqp, timeout_s=10)
+        underlay = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
+        try:
+            batch = [Publication("", name, b"{}", f"stuck-{i}") for i in range(5)]
+            with writer_stopped(underlay):
+                results = await publisher.publish_many(batch, timeout_s=0.3)
+            assert [str(r) for r in results] == ["no confirm within 0.3s"] * 5
+            after = [Publication("", name, b"{}", f"after-{i}") for i in range(5)]
+            assert await asyncio.wait_for(publisher.publish_many(after), timeout=10) == [None] * 5
+            assert (await queue.declare()).message_count == 5
+        finally:
+            await publisher.close()
+            await channel.queue_delete(name)
+
+
+async def test_publish_many_cancelled_lets_go_of_its_messages(
+    amqp: AbstractRobustConnection,
+) -> None:
+    """The caller cancelled while its batch waits: the cancellation reaches the caller, the
+    pending confirms are let go (as an awaited publish's would be), and the ids are free."""
+    publisher = await ConfirmedPublisher.open(amqp, timeout_s=30)
+    underlay = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
+    try:
+        with writer_stopped(underlay):
+            batch = [Publication("", "cpt-anywhere", b"{}", f"c{i}") for i in range(3)]
+            publishing = asyncio.create_task(publisher.publish_many(batch))
+
+            async def waiting() -> bool:
+                return publisher._writer is not None
+
+            await wait_for(waiting, seconds=5, what="the batch waiting in its round")
+            publishing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await publishing
+            assert not publisher._publishing
+            assert not [c for c in underlay.confirmations.values() if not c.done()]
+    finally:
+        await publisher.close()
+
+
+async def test_publish_many_on_a_closed_channel_fails_each_without_raising(
+    amqp: AbstractRobustConnection,
+) -> None:
+    publisher = await ConfirmedPublisher.open(amqp, timeout_s=5)
+    await publisher.close()
+    results = await publisher.publish_many([Publication("", "cpt-x", b"{}", "a")] * 1)
+    assert [type(r) for r in results] == [PublishFailedError]
+    assert "closed" in str(results[0])
