@@ -207,12 +207,26 @@ _TRANSIENT = (
 DATABASE_TROUBLE = (*_TRANSIENT, asyncpg.PostgresError)
 
 
+# jsonb's binary form is a version byte, then the JSON text: orjson's bytes go as they are,
+# with no text round trip on either side.
+_JSONB_VERSION = b"\x01"
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    return _JSONB_VERSION + codec.dumps(value)
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return codec.loads(data[1:])
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb",
-        encoder=lambda value: codec.dumps(value).decode(),
-        decoder=codec.loads,
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
         schema="pg_catalog",
+        format="binary",
     )
 
 
