@@ -240,12 +240,12 @@ async def test_publish_many_confirms_each_and_fails_only_its_own(
             twice = [Publication("", ok, b'{"again": 1}', "same", {"x-n": "1"})] * 2
             assert await publisher.publish_many(twice) == [None, None]
 
-            received = {}
+            received: dict[str | None, list[bytes]] = {}
             async with queue.iterator() as messages:
                 async for message in messages:
                     await message.ack()
                     received.setdefault(message.message_id, []).append(message.body)
-                    if sum(map(len, received.values())) == 12:
+                    if sum(len(bodies) for bodies in received.values()) == 12:
                         break
             expected = {m: [f'{{"m": "{m}"}}'.encode()] for m, r in routes.items() if r == ok}
             assert received == {**expected, "same": [b'{"again": 1}'] * 2}
