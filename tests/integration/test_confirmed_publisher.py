@@ -281,7 +281,8 @@ async def test_publish_many_cancelled_lets_go_of_its_messages(
 ) -> None:
     """The caller cancelled while its batch waits: the cancellation reaches the caller, the
     pending confirms are let go (as an awaited publish's would be), and the ids are free."""
-    publisher = await ConfirmedPublisher.open(amqp, timeout_s=30)
+    # Short: the round itself waits for room until its deadline, and holds the channel.
+    publisher = await ConfirmedPublisher.open(amqp, timeout_s=3)
     underlay = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
     try:
         with writer_stopped(underlay):
