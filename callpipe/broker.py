@@ -176,6 +176,7 @@ class ConfirmedPublisher:
         self._method_frames: dict[tuple[int, str, str, bool], bytes] = {}
         self._outgoing: list[Outgoing] = []
         self._writer: asyncio.Task[None] | None = None
+        self._checked: tuple[aiormq.Channel | None, bool] = (None, False)  # the last channel
 
     @classmethod
     async def open(
@@ -207,7 +208,7 @@ class ConfirmedPublisher:
             self._publishing[message_id] = done
             try:
                 channel = await self._underlay()
-                if not can_write_frames(channel):
+                if not self._can_write_frames(channel):
                     await self._publish_through_aiormq(
                         channel, exchange, routing_key, body, message_id, headers, mandatory,
                         timeout_s,
@@ -241,7 +242,7 @@ class ConfirmedPublisher:
         self._publishing.update(dict.fromkeys(ids, done))
         try:
             channel = await self._underlay()
-            if not can_write_frames(channel):
+            if not self._can_write_frames(channel):
                 return await self._publish_each(publications, timeout_s)
             messages = [self._outgoing_message(channel, p, timeout_s) for p in publications]
             return await self._send_all(messages, timeout_s)
@@ -272,6 +273,12 @@ class ConfirmedPublisher:
             return None
 
         return list(await asyncio.gather(*(one(p) for p in publications)))
+
+    def _can_write_frames(self, channel: aiormq.Channel) -> bool:
+        """`can_write_frames`, asked once per channel (a reconnect brings a new one)."""
+        if channel is not self._checked[0]:
+            self._checked = (channel, can_write_frames(channel))
+        return self._checked[1]
 
     async def _underlay(self) -> aiormq.Channel:
         if self._channel.is_closed:
