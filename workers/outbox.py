@@ -8,9 +8,11 @@ Storage writes each event into `call_events.event` in the transaction that store
 - *left-over* events (a worker died between its commit and its publish, or the broker was
   away), found by a periodic sweep of the unpublished rows older than a few seconds.
 
-Either way a row is locked (`FOR UPDATE SKIP LOCKED`) from before its publish until it is
-marked published, so two relays never send the same event. An event goes out twice only
-when a relay dies, or loses the database, between the broker's confirm and the mark.
+Either way a relay marks its events published (`FOR UPDATE SKIP LOCKED`) before it publishes
+them, unmarks the ones the broker did not confirm, and commits after the confirms: until
+then the rows stay locked and the marks unseen, so two relays never send the same event. An
+event goes out twice only when a relay dies, or loses the database, between the broker's
+confirm and that commit.
 """
 
 from __future__ import annotations
@@ -32,24 +34,37 @@ from workers.storage import DATABASE_TROUBLE
 
 log = logging.getLogger(__name__)
 
-LOCK_FRESH = """
-SELECT event_id FROM call_events
-WHERE event_id = ANY($1::text[]) AND published_at IS NULL
-FOR UPDATE SKIP LOCKED
+# A relay takes its events by marking them published before it publishes them, in the
+# transaction it commits after their confirms: until that commit no one else sees the mark,
+# and the rows stay locked, so two relays never send the same event. SKIP LOCKED: an event a
+# sweep is sending now is left to the sweep.
+MARK_FRESH = """
+UPDATE call_events SET published_at = clock_timestamp()
+WHERE event_id IN (
+    SELECT event_id FROM call_events
+    WHERE event_id = ANY($1::text[]) AND published_at IS NULL
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING event_id
 """
 
 # Served by the partial index `call_events_unpublished` (0001): it holds only unpublished rows.
-LOCK_LEFT_OVER = """
-SELECT event_id, event FROM call_events
-WHERE published_at IS NULL AND event IS NOT NULL
-  AND processed_at < now() - make_interval(secs => $1::float8)
-ORDER BY received_at
-LIMIT $2
-FOR UPDATE SKIP LOCKED
+MARK_LEFT_OVER = """
+UPDATE call_events SET published_at = clock_timestamp()
+WHERE event_id IN (
+    SELECT event_id FROM call_events
+    WHERE published_at IS NULL AND event IS NOT NULL
+      AND processed_at < now() - make_interval(secs => $1::float8)
+    ORDER BY received_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING event_id, event, received_at
 """
 
-MARK_PUBLISHED = """
-UPDATE call_events SET published_at = clock_timestamp() WHERE event_id = ANY($1::text[])
+# The events the broker did not confirm go back to unpublished, in the same transaction.
+UNMARK = """
+UPDATE call_events SET published_at = NULL WHERE event_id = ANY($1::text[])
 """
 
 
@@ -134,10 +149,10 @@ class OutboxRelay:
         confirmed: list[str] = []
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                locked = await conn.fetch(LOCK_FRESH, [event.event_id for event in batch])
-                mine = {row["event_id"] for row in locked}
+                marked = await conn.fetch(MARK_FRESH, [event.event_id for event in batch])
+                mine = {row["event_id"] for row in marked}
                 events = [e for e in batch if e.event_id in mine]
-                await self._publish_and_mark(conn, events, confirmed)
+                await self._publish_marked(conn, events, confirmed)
         except DATABASE_TROUBLE as exc:
             _warn_not_marked(confirmed)
             log.warning(
@@ -157,14 +172,15 @@ class OutboxRelay:
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
                     rows = await conn.fetch(
-                        LOCK_LEFT_OVER,
+                        MARK_LEFT_OVER,
                         self._settings.left_over_after_s,
                         self._settings.batch_max,
                     )
+                    rows = sorted(rows, key=lambda row: row["received_at"])  # oldest first
                     events = [stored_to_outbox(row["event_id"], row["event"]) for row in rows]
                     if events:
                         log.info("publishing %d events left in the outbox", len(events))
-                    await self._publish_and_mark(conn, events, confirmed)
+                    await self._publish_marked(conn, events, confirmed)
             except DATABASE_TROUBLE as exc:
                 _warn_not_marked(confirmed)
                 log.warning("outbox sweep failed (%r); retried at the next sweep", exc)
@@ -177,29 +193,32 @@ class OutboxRelay:
             if len(rows) < self._settings.batch_max or len(confirmed) < len(rows):
                 return published
 
-    async def _publish_and_mark(
+    async def _publish_marked(
         self,
         conn: asyncpg.pool.PoolConnectionProxy,
         events: list[OutboxEvent],
         confirmed: list[str],
     ) -> None:
-        """Publish `events` (their rows locked by `conn`'s transaction) with pipelined
-        confirms and mark the confirmed ones, whose ids go to `confirmed`: if the mark or the
-        commit after it fails, the caller names them (they will go out again)."""
+        """Publish `events` (marked published in `conn`'s transaction) with pipelined
+        confirms and unmark the ones not confirmed. The confirmed ids go to `confirmed`: if
+        the unmark or the commit fails, the caller names them (they will go out again)."""
         if not events:
             return
         results = await self._publisher.publish_all(events)
+        failed: list[str] = []
         for event, result in zip(events, results, strict=True):
             if result is None:
                 confirmed.append(event.event_id)
             else:
+                failed.append(event.event_id)
                 # A lost confirm may hide a stored message: the retry may send it twice.
                 log.warning(
                     "event %s not confirmed (%s); it stays in the outbox", event.event_id, result
                 )
         if confirmed:
             failpoint("outbox.after_confirm", ",".join(confirmed))
-            await conn.execute(MARK_PUBLISHED, confirmed)
+        if failed:
+            await conn.execute(UNMARK, failed)
 
     def _count_published(self, event_ids: list[str]) -> None:
         if self._metrics is not None and event_ids:
