@@ -34,6 +34,7 @@ from string import Template
 import aio_pika
 import aiohttp
 import orjson
+import uvloop
 from aio_pika.abc import AbstractConnection, AbstractExchange, HeadersType
 from aiohttp import web
 from benchlib import (
@@ -59,7 +60,6 @@ from benchlib import (
     run_bench,
 )
 
-from callpipe.runner import run
 from schemas import topology as names
 
 VARIANTS = ("bare", "naive", "callpipe")
@@ -537,7 +537,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str]) -> int:
     if argv[:1] == ["serve"]:  # serve VARIANT PORT AMQP_URL NAMESPACE, from run_variant
         _, variant, port, amqp_url, namespace = argv
-        return run(serve(variant, int(port), amqp_url, namespace))
+        # Plain uvloop, as their author would run them: not callpipe's runner (its GC tuning).
+        return uvloop.run(serve(variant, int(port), amqp_url, namespace))
     return run_bench(bench, parse_args(argv))
 
 
