@@ -199,25 +199,28 @@ class ConfirmedPublisher:
     ) -> None:
         """Publish a persistent message and wait for the broker's confirm (at most
         `timeout_s`, default the publisher's), or raise `PublishFailedError`."""
-        timeout_s = timeout_s or self._timeout_s
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         try:
             if message_id in self._publishing:
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout_at(deadline):
                     await self._wait_for_earlier(message_id)
-            done = asyncio.get_running_loop().create_future()
+            done = loop.create_future()
             self._publishing[message_id] = done
             try:
-                channel = await self._underlay()
+                channel = await self._underlay(deadline)
+                left_s = deadline - loop.time()
                 if not self._can_write_frames(channel):
                     await self._publish_through_aiormq(
                         channel, exchange, routing_key, body, message_id, headers, mandatory,
-                        timeout_s,
+                        left_s,
                     )  # fmt: skip
                     return
                 publication = Publication(
                     exchange, routing_key, body, message_id, headers, mandatory
                 )
-                await self._send(self._outgoing_message(channel, publication, timeout_s))
+                await self._send(self._outgoing_message(channel, publication, left_s))
             finally:
                 del self._publishing[message_id]
                 done.set_result(None)
@@ -232,20 +235,26 @@ class ConfirmedPublisher:
         """Publish messages together and wait for all their confirms (at most `timeout_s`):
         per message None (confirmed) or why it failed. Same as a `publish` of each, gathered,
         without a task, a coroutine and a timer per message: the outbox relay's batches."""
-        timeout_s = timeout_s or self._timeout_s
+        if not publications:
+            return []
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         ids = [publication.message_id for publication in publications]
         if len(set(ids)) < len(ids) or not self._publishing.keys().isdisjoint(ids):
             # An id already in flight (a resent webhook's event, rare): one at a time.
             return await self._publish_each(publications, timeout_s)
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         done = loop.create_future()
         self._publishing.update(dict.fromkeys(ids, done))
         try:
-            channel = await self._underlay()
+            channel = await self._underlay(deadline)
+            left_s = deadline - loop.time()
             if not self._can_write_frames(channel):
-                return await self._publish_each(publications, timeout_s)
-            messages = [self._outgoing_message(channel, p, timeout_s) for p in publications]
-            return await self._send_all(messages, timeout_s)
+                return await self._publish_each(publications, left_s)
+            messages = [self._outgoing_message(channel, p, left_s) for p in publications]
+            return await self._send_all(messages, left_s, timeout_s)
+        except TimeoutError:
+            return [PublishFailedError(f"no confirm within {timeout_s:g}s") for _ in publications]
         except Exception as exc:
             failed = PublishFailedError(f"{type(exc).__name__}: {exc}")
             return [failed for _ in publications]
@@ -280,11 +289,14 @@ class ConfirmedPublisher:
             self._checked = (channel, can_write_frames(channel))
         return self._checked[1]
 
-    async def _underlay(self) -> aiormq.Channel:
+    async def _underlay(self, deadline: float) -> aiormq.Channel:
+        """The channel to publish on; during a reconnect aio-pika waits for the connection
+        there, so the wait ends at the publish's `deadline` (loop time)."""
         if self._channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
-        # aio-pika's channels are aiormq's `Channel`.
-        return cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        async with asyncio.timeout_at(deadline):
+            # aio-pika's channels are aiormq's `Channel`.
+            return cast(aiormq.Channel, await self._channel.get_underlay_channel())
 
     def _outgoing_message(
         self, channel: aiormq.Channel, publication: Publication, timeout_s: float
@@ -304,15 +316,16 @@ class ConfirmedPublisher:
         return Outgoing(channel, method + content, publication.message_id, timeout_s)
 
     async def _send_all(
-        self, messages: list[Outgoing], timeout_s: float
+        self, messages: list[Outgoing], left_s: float, timeout_s: float
     ) -> list[PublishFailedError | None]:
-        """Queue the messages for the next write and wait for every confirm, or the deadline."""
+        """Queue the messages for the next write and wait for every confirm, at most `left_s`
+        (of the publish's `timeout_s`)."""
         self._outgoing.extend(messages)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_outgoing())
         confirmations = [message.confirmation for message in messages]
         try:
-            await asyncio.wait(confirmations, timeout=timeout_s)
+            await asyncio.wait(confirmations, timeout=left_s)
         except asyncio.CancelledError:
             for confirmation in confirmations:
                 confirmation.cancel()  # as an awaited `publish` would be

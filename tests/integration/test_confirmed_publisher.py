@@ -8,15 +8,17 @@ import logging
 import uuid
 from collections.abc import Iterator
 from typing import cast
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
 import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
-from callpipe_testing import wait_for
+from callpipe_testing import TcpProxy, wait_for
+from conftest import Services
 
-from callpipe.broker import ConfirmedPublisher, Publication, PublishFailedError
+from callpipe.broker import ConfirmedPublisher, Publication, PublishFailedError, connect
 from callpipe.publish_rounds import can_write_frames
 
 
@@ -310,3 +312,42 @@ async def test_publish_many_on_a_closed_channel_fails_each_without_raising(
     results = await publisher.publish_many([Publication("", "cpt-x", b"{}", "a")] * 1)
     assert [type(r) for r in results] == [PublishFailedError]
     assert "closed" in str(results[0])
+
+
+async def test_a_publish_while_the_broker_is_away_fails_in_its_time_and_works_once_back(
+    services: Services,
+) -> None:
+    """The link to the broker is gone and the connection keeps trying to reconnect: a
+    publish, and a batch, fail within their timeout instead of waiting for the broker (the
+    relay holds a database transaction meanwhile), and publish again once it is back."""
+    target = urlsplit(services.amqp_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
+    connection = await connect(target._replace(netloc=netloc).geturl(), name="cpt-away")
+    try:
+        publisher = await ConfirmedPublisher.open(connection, timeout_s=1)
+        assert await publisher.publish_many(
+            [Publication("", "cpt-x", b"{}", "before", None, False)]
+        ) == [None]
+        await proxy.cut()
+
+        async def failed_in_time() -> None:
+            with pytest.raises(PublishFailedError):
+                await publisher.publish("", "cpt-x", b"{}", message_id="away", mandatory=False)
+            [failure] = await publisher.publish_many(
+                [Publication("", "cpt-x", b"{}", "a", None, False)]
+            )
+            assert isinstance(failure, PublishFailedError)
+
+        await asyncio.wait_for(failed_in_time(), timeout=10)
+        await proxy.restore()
+
+        async def published() -> bool:
+            batch = [Publication("", "cpt-x", b"{}", "back", None, False)]
+            return await publisher.publish_many(batch) == [None]
+
+        await wait_for(published, seconds=30, what="a publish once the broker is back")
+    finally:
+        await connection.close()
+        await proxy.cut()
