@@ -230,41 +230,53 @@ class ConfirmedPublisher:
             raise PublishFailedError(f"{type(exc).__name__}: {exc}") from exc
 
     async def publish_many(
-        self, publications: Sequence[Publication], timeout_s: float | None = None
+        self,
+        publications: Sequence[Publication],
+        timeout_s: float | None = None,
+        confirmed: list[str] | None = None,
     ) -> list[PublishFailedError | None]:
         """Publish messages together and wait for all their confirms (at most `timeout_s`):
         per message None (confirmed) or why it failed. Same as a `publish` of each, gathered,
-        without a task, a coroutine and a timer per message: the outbox relay's batches."""
+        without a task, a coroutine and a timer per message: the outbox relay's batches.
+
+        `confirmed`, when given, gets the id of each message the broker confirmed, also when
+        the caller is cancelled midway: the caller can still say which ones went out."""
         if not publications:
             return []
         timeout_s = self._timeout_s if timeout_s is None else timeout_s
-        ids = [publication.message_id for publication in publications]
-        if len(set(ids)) < len(ids) or not self._publishing.keys().isdisjoint(ids):
-            # An id already in flight (a resent webhook's event, rare): one at a time.
-            return await self._publish_each(publications, timeout_s)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        done = loop.create_future()
-        self._publishing.update(dict.fromkeys(ids, done))
         try:
             channel = await self._underlay(deadline)
-            left_s = deadline - loop.time()
-            if not self._can_write_frames(channel):
-                return await self._publish_each(publications, left_s)
-            messages = [self._outgoing_message(channel, p, left_s) for p in publications]
-            return await self._send_all(messages, left_s, timeout_s)
         except TimeoutError:
             return [PublishFailedError(f"no confirm within {timeout_s:g}s") for _ in publications]
         except Exception as exc:
-            failed = PublishFailedError(f"{type(exc).__name__}: {exc}")
-            return [failed for _ in publications]
+            return [PublishFailedError(f"{type(exc).__name__}: {exc}") for _ in publications]
+        ids = [publication.message_id for publication in publications]
+        if (
+            not self._can_write_frames(channel)
+            or len(set(ids)) < len(ids)
+            or not self._publishing.keys().isdisjoint(ids)
+        ):
+            # aiormq's basic_publish, or an id already in flight (a resent webhook's event,
+            # rare): one publish each.
+            left_s = max(deadline - loop.time(), 0.0)
+            return await self._publish_each(publications, left_s, confirmed)
+        done = loop.create_future()
+        self._publishing.update(dict.fromkeys(ids, done))
+        try:
+            left_s = deadline - loop.time()
+            messages = [self._outgoing_message(channel, p, left_s) for p in publications]
+            return await self._send_all(messages, left_s, timeout_s, confirmed)
+        except Exception as exc:
+            return [PublishFailedError(f"{type(exc).__name__}: {exc}") for _ in publications]
         finally:
             for message_id in ids:
                 del self._publishing[message_id]
             done.set_result(None)
 
     async def _publish_each(
-        self, publications: Sequence[Publication], timeout_s: float
+        self, publications: Sequence[Publication], timeout_s: float, confirmed: list[str] | None
     ) -> list[PublishFailedError | None]:
         async def one(publication: Publication) -> PublishFailedError | None:
             try:
@@ -279,6 +291,8 @@ class ConfirmedPublisher:
                 )
             except PublishFailedError as exc:
                 return exc
+            if confirmed is not None:
+                confirmed.append(publication.message_id)
             return None
 
         return list(await asyncio.gather(*(one(p) for p in publications)))
@@ -316,22 +330,25 @@ class ConfirmedPublisher:
         return Outgoing(channel, method + content, publication.message_id, timeout_s)
 
     async def _send_all(
-        self, messages: list[Outgoing], left_s: float, timeout_s: float
+        self,
+        messages: list[Outgoing],
+        left_s: float,
+        timeout_s: float,
+        confirmed: list[str] | None,
     ) -> list[PublishFailedError | None]:
         """Queue the messages for the next write and wait for every confirm, at most `left_s`
-        (of the publish's `timeout_s`)."""
+        (of the publish's `timeout_s`); the confirmed ones' ids go to `confirmed`."""
         self._outgoing.extend(messages)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_outgoing())
         confirmations = [message.confirmation for message in messages]
         try:
-            await asyncio.wait(confirmations, timeout=left_s)
-        except asyncio.CancelledError:
-            for confirmation in confirmations:
-                confirmation.cancel()  # as an awaited `publish` would be
-            raise
-        for message in messages:
-            message.expire()
+            await asyncio.wait(confirmations, timeout=max(left_s, 0))
+        finally:
+            if confirmed is not None:
+                confirmed.extend(m.message_id for m in messages if _was_confirmed(m))
+            for message in messages:
+                message.expire()  # as an awaited `publish` would be, when cancelled
         return [_failure(message, timeout_s) for message in messages]
 
     def _method_frame(
@@ -422,6 +439,11 @@ class ConfirmedPublisher:
 
 
 CONTENT_TYPE = "application/json"
+
+
+def _was_confirmed(message: Outgoing) -> bool:
+    confirmation = message.confirmation
+    return confirmation.done() and not confirmation.cancelled() and confirmation.exception() is None
 
 
 def _failure(message: Outgoing, timeout_s: float) -> PublishFailedError | None:

@@ -70,9 +70,12 @@ UPDATE call_events SET published_at = NULL WHERE event_id = ANY($1::text[])
 
 class EventPublisher(Protocol):
     """The broker port: publish events to `{ns}.events` together and await their confirms;
-    per event None (confirmed) or the `TransientError` that says why not."""
+    per event None (confirmed) or the `TransientError` that says why not. The confirmed
+    events' ids go to `confirmed` as they are known, also when the caller is cancelled."""
 
-    async def publish_all(self, events: Sequence[OutboxEvent]) -> Sequence[Exception | None]: ...
+    async def publish_all(
+        self, events: Sequence[OutboxEvent], confirmed: list[str]
+    ) -> Sequence[Exception | None]: ...
 
 
 @dataclass(frozen=True)
@@ -201,15 +204,14 @@ class OutboxRelay:
     ) -> None:
         """Publish `events` (marked published in `conn`'s transaction) with pipelined
         confirms and unmark the ones not confirmed. The confirmed ids go to `confirmed`: if
-        the unmark or the commit fails, the caller names them (they will go out again)."""
+        the unmark or the commit fails, or the relay is cancelled while it waits for the
+        confirms, the caller names them (they will go out again)."""
         if not events:
             return
-        results = await self._publisher.publish_all(events)
+        results = await self._publisher.publish_all(events, confirmed)
         failed: list[str] = []
         for event, result in zip(events, results, strict=True):
-            if result is None:
-                confirmed.append(event.event_id)
-            else:
+            if result is not None:
                 failed.append(event.event_id)
                 # A lost confirm may hide a stored message: the retry may send it twice.
                 log.warning(

@@ -33,14 +33,18 @@ class AmqpEventPublisher:
         except PublishFailedError as exc:
             raise TransientError(f"event not confirmed: {exc}") from exc
 
-    async def publish_all(self, events: Sequence[OutboxEvent]) -> list[TransientError | None]:
-        """Publish events from the outbox together; per event None (confirmed) or why not."""
+    async def publish_all(
+        self, events: Sequence[OutboxEvent], confirmed: list[str]
+    ) -> list[TransientError | None]:
+        """Publish events from the outbox together; per event None (confirmed) or why not.
+        The confirmed ones' ids go to `confirmed`, also when the caller is cancelled."""
         exchange = self._topology.events_exchange
         results = await self._publisher.publish_many(
             [
                 Publication(exchange, e.routing_key, e.body, e.event_id, mandatory=False)
                 for e in events
-            ]
+            ],
+            confirmed=confirmed,
         )
         return [None if r is None else TransientError(f"event not confirmed: {r}") for r in results]
 

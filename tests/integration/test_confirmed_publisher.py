@@ -233,9 +233,11 @@ async def test_publish_many_confirms_each_and_fails_only_its_own(
         try:
             routes = {f"m{i}": (full, ok, "cpt-no-such-queue")[i % 3] for i in range(30)}
             batch = [Publication("", r, f'{{"m": "{m}"}}'.encode(), m) for m, r in routes.items()]
-            results = await publisher.publish_many(batch)
+            confirmed: list[str] = []
+            results = await publisher.publish_many(batch, confirmed=confirmed)
             for (m, route), result in zip(routes.items(), results, strict=True):
                 assert (result is None) == (route == ok), (m, route, result)
+            assert sorted(confirmed) == sorted(m for m, r in routes.items() if r == ok)
             assert "DeliveryError" in str(results[0]) and "PublishError" in str(results[2])
             assert not publisher._publishing
 
@@ -351,3 +353,69 @@ async def test_a_publish_while_the_broker_is_away_fails_in_its_time_and_works_on
     finally:
         await connection.close()
         await proxy.cut()
+
+
+async def test_publish_many_through_aiormq_publishes_each(
+    amqp: AbstractRobustConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where aiormq lacks what writing frames needs, each message goes through its
+    basic_publish: the batch's own ids must not make those publishes wait for the batch."""
+    monkeypatch.setattr("callpipe.broker.can_write_frames", lambda channel: False)
+    name = f"cpt_each_{uuid.uuid4().hex[:8]}"
+    async with amqp.channel() as channel:
+        queue = await channel.declare_queue(name, auto_delete=False)
+        publisher = await ConfirmedPublisher.open(amqp, timeout_s=5)
+        try:
+            batch = [Publication("", name, b"{}", f"each-{i}") for i in range(3)]
+            confirmed: list[str] = []
+            results = await asyncio.wait_for(
+                publisher.publish_many(batch, confirmed=confirmed), timeout=10
+            )
+            assert results == [None, None, None]
+            assert sorted(confirmed) == ["each-0", "each-1", "each-2"]
+            assert (await queue.declare()).message_count == 3
+        finally:
+            await publisher.close()
+            await channel.queue_delete(name)
+
+
+async def test_publish_many_cancelled_after_a_confirm_still_reports_it(
+    services: Services, amqp: AbstractRobustConnection
+) -> None:
+    """The caller is cancelled the moment the first confirm arrives: the cancellation reaches
+    it, and `confirmed` holds exactly the messages confirmed by then (the relay names those
+    as sent: they will go out again)."""
+    name = f"cpt_cut_{uuid.uuid4().hex[:8]}"
+    target = urlsplit(services.amqp_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
+    connection = await connect(target._replace(netloc=netloc).geturl(), name="cpt-cut")
+    async with amqp.channel() as channel:
+        await channel.declare_queue(name, auto_delete=False)
+        try:
+            publisher = await ConfirmedPublisher.open(connection, timeout_s=30)
+            underlay = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
+            batch = [Publication("", name, b"{}", f"cut-{i}") for i in range(50)]
+            confirmed: list[str] = []
+            proxy.freeze()  # the frames go out, the confirms wait in the proxy
+            publishing = asyncio.create_task(publisher.publish_many(batch, confirmed=confirmed))
+
+            async def registered() -> bool:
+                return len(underlay.confirmations) == len(batch)
+
+            await wait_for(registered, seconds=10, what="the batch's confirmations registered")
+            by_id = {
+                m: underlay.confirmations[t] for m, t in underlay.message_id_delivery_tag.items()
+            }
+            first = underlay.confirmations[min(underlay.confirmations)]
+            first.add_done_callback(lambda _: publishing.cancel())
+            proxy.thaw()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(publishing, timeout=15)
+            acked = {m for m, f in by_id.items() if not f.cancelled() and f.exception() is None}
+            assert "cut-0" in acked and set(confirmed) == acked
+        finally:
+            await connection.close()
+            await proxy.cut()
+            await channel.queue_delete(name)
