@@ -166,6 +166,7 @@ async def run_until_signalled(components: list[Component]) -> int:
 def run(main: Coroutine[Any, Any, int]) -> int:
     """Run on uvloop where it is installed (Linux), else on asyncio's own loop; with the
     garbage collector tuned for a service (`GC_THRESHOLD`)."""
+    gc.collect()  # what start-up left as garbage is not kept for good by the freeze
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
     try:
