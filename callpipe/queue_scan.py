@@ -33,7 +33,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from callpipe.broker import ConfirmedPublisher, PublishFailedError
+from callpipe.confirmed_publisher import ConfirmedPublisher, PublishFailedError
 from callpipe.letters import Letter, without
 from schemas.topology import HEADER_ROUTING_KEY
 

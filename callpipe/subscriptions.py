@@ -13,12 +13,8 @@ import aiormq
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
-from callpipe.broker import (
-    ConfirmedPublisher,
-    PublishFailedError,
-    declare_topology,
-    work_queue_arguments,
-)
+from callpipe.broker import declare_topology, work_queue_arguments
+from callpipe.confirmed_publisher import ConfirmedPublisher, PublishFailedError
 from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds
 from callpipe.retry import retry_until_done
 from schemas import codec

@@ -10,7 +10,8 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from callpipe.broker import ConfirmedPublisher, PublishFailedError, plain_headers
+from callpipe.broker import plain_headers
+from callpipe.confirmed_publisher import ConfirmedPublisher, PublishFailedError
 from schemas import codec
 from schemas.topology import HEADER_ERROR, HEADER_ROUTING_KEY, Topology
 from sinks.config import SinkConfig

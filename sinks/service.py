@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from callpipe.broker import ConfirmedPublisher, connect, declare_topology, work_queue_arguments
+from callpipe.broker import connect, declare_topology, work_queue_arguments
+from callpipe.confirmed_publisher import ConfirmedPublisher
 from callpipe.kept_queues import bounds_of
 from callpipe.retry import StoppedError
 from callpipe.settings import Settings

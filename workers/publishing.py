@@ -7,7 +7,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from callpipe.broker import ConfirmedPublisher, Publication, PublishFailedError
+from callpipe.confirmed_publisher import ConfirmedPublisher, Publication, PublishFailedError
 from schemas.topology import HEADER_ERROR, Topology
 from workers.errors import TransientError
 from workers.events import OutboxEvent, stored_to_outbox

@@ -9,7 +9,8 @@ from contextlib import AsyncExitStack
 
 import asyncpg
 
-from callpipe.broker import ConfirmedPublisher, connect, declare_topology, work_queue_arguments
+from callpipe.broker import connect, declare_topology, work_queue_arguments
+from callpipe.confirmed_publisher import ConfirmedPublisher
 from callpipe.kept_queues import bounds_of
 from callpipe.retry import StoppedError, retry_until_done
 from callpipe.settings import Settings

@@ -14,7 +14,8 @@ from callpipe_testing import wait_for
 from conftest import Collector
 from test_batched_storage import items, received
 
-from callpipe.broker import ConfirmedPublisher, connect, declare_topology
+from callpipe.broker import connect, declare_topology
+from callpipe.confirmed_publisher import ConfirmedPublisher
 from callpipe.settings import Settings
 from workers.events import OutboxEvent, render_outbox
 from workers.outbox import OutboxRelay, RelaySettings

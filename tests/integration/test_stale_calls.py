@@ -15,7 +15,8 @@ from aiohttp.test_utils import TestClient
 from callpipe_testing import wait_for
 from conftest import Collector, Services, Workers, make_settings
 
-from callpipe.broker import ConfirmedPublisher, connect
+from callpipe.broker import connect
+from callpipe.confirmed_publisher import ConfirmedPublisher
 from callpipe.settings import Settings
 from schemas import codec
 from workers.publishing import AmqpEventPublisher
