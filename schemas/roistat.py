@@ -260,13 +260,18 @@ class Webhook:
     kind: Kind
     payload: CallEndPayload
     document: dict[str, Any]
+    # `document` as JSON text, for storing and publishing it without encoding it again: the
+    # body as received (less a byte-order mark), or re-encoded where NULs were replaced.
+    document_json: bytes
 
 
 def parse_webhook(body: bytes, kind: Kind) -> Webhook:
     """Decode and validate a webhook body; raises `InvalidWebhookError` only for no object or id."""
     document = read_webhook(body)
+    document_json = body.removeprefix(UTF8_BOM)
     if b"\\u0000" in body:
         document = _without_nul(document)
+        document_json = codec.dumps(document)
     # Both kinds share one model: a start that already carries end fields keeps them.
     payload = CallEndPayload.model_validate(document)
-    return Webhook(kind=kind, payload=payload, document=document)
+    return Webhook(kind=kind, payload=payload, document=document, document_json=document_json)

@@ -27,6 +27,7 @@ class ReceivedWebhook:
     received_at: datetime
     payload: CallEndPayload
     document: dict[str, Any]
+    document_json: bytes  # `document` as JSON text (the body as received, see `Webhook`)
 
     @property
     def call_id(self) -> str:
@@ -56,6 +57,7 @@ def decode_delivery(body: bytes, headers: dict[str, str], queue_kind: Kind) -> R
         received_at=received_at,
         payload=webhook.payload,
         document=webhook.document,
+        document_json=webhook.document_json,
     )
 
 

@@ -69,7 +69,7 @@ def render_outbox(webhook: ReceivedWebhook, row: Row) -> OutboxEvent:
         "received_at": webhook.received_at,
         "project": webhook.project,
         "call": {name: row[name] for name in CALL_FIELDS},
-        "raw": webhook.document,
+        "raw": codec.encoded(webhook.document_json),  # as received, not encoded again
     }
     routing_key = event_routing_key(event_type, row["outcome"])
     return OutboxEvent(webhook.event_id, routing_key, codec.dumps(envelope))

@@ -378,7 +378,7 @@ def _event_row(webhook: ReceivedWebhook, event: OutboxEvent) -> dict[str, Any]:
         "call_id": webhook.call_id,
         "kind": webhook.kind,
         "received_at": webhook.received_at,
-        "payload": webhook.document,
+        "payload": codec.encoded(webhook.document_json),  # the body as received
         "event": codec.encoded(event.body),  # the bytes the relay publishes, not encoded again
     }
 

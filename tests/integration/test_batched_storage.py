@@ -164,3 +164,29 @@ async def test_concurrent_batches_touching_the_same_calls_in_any_order_never_dea
     assert sum(r.stored for result in results for r in result.recorded) == 60
     rows = await db.fetch(f'SELECT revision FROM "{settings.namespace}".calls')
     assert len(rows) == 30 and {row["revision"] for row in rows} == {2}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # As Roistat may send it: a byte-order mark, indentation, escaped Cyrillic, a big id.
+        b'\xef\xbb\xbf{\n  "id": 12345678901234567890,\n  "city": "\\u041c\\u043e\\u0441\\u043a'
+        b'\\u0432\\u0430",\n  "status": "ANSWER",\n  "custom_fields": {"a": [1, 2.5, null]}\n}\n',
+        # NULs PostgreSQL cannot store: the replaced document is stored, not the body.
+        b'{"id": "n1", "status": "ANSWER", "city": "a\\u0000b"}',
+    ],
+)
+async def test_the_payload_and_the_events_raw_are_the_webhook_as_decoded(
+    store: PostgresCallStore, db: asyncpg.Pool, settings: Settings, body: bytes
+) -> None:
+    """The body's own JSON is stored and published (not encoded again): both read back as
+    the document the worker decoded."""
+    headers = {HEADER_PROJECT: "acme", HEADER_KIND: "end", HEADER_RECEIVED_AT: T0.isoformat()}
+    webhook = decode_delivery(body, headers, "end")
+    stored = await store.record(items(webhook), render_outbox)
+    assert orjson.loads(stored.events[0].body)["raw"] == webhook.document
+    table = f'"{settings.namespace}".call_events'
+    row = await db.fetchrow(f"SELECT payload::text, (event -> 'raw')::text AS raw FROM {table}")
+    assert row is not None
+    assert orjson.loads(row["payload"]) == webhook.document
+    assert orjson.loads(row["raw"]) == webhook.document

@@ -101,6 +101,20 @@ def test_parse_webhook_replaces_nul_that_postgresql_cannot_store() -> None:
     webhook = parse_webhook(b'{"id": "1", "city": "a\\u0000b", "k\\u0000": ["\\u0000"]}', "end")
     assert webhook.payload.city == "a\ufffdb"
     assert webhook.document == {"id": "1", "city": "a\ufffdb", "k\ufffd": ["\ufffd"]}
+    assert orjson.loads(webhook.document_json) == webhook.document  # not the body: it has NULs
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id": 7, "city": "\\u041c"}',
+        b'\xef\xbb\xbf{\n  "id": "7",\n  "custom_fields": {"a": [1, 2.5]}\n}\n',
+    ],
+)
+def test_document_json_is_the_body_as_received_less_a_byte_order_mark(body: bytes) -> None:
+    webhook = parse_webhook(body, "end")
+    assert webhook.document_json == body.removeprefix(b"\xef\xbb\xbf")
+    assert orjson.loads(webhook.document_json) == webhook.document
 
 
 def test_read_webhook_names_the_json_type_it_got() -> None:
