@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import phonenumbers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from phonenumbers import carrier, geocoder
 
-from workers.phones import Phone, mask_phone, normalize_phone
+from workers.phones import GEO_LANGUAGE, Phone, mask_phone, normalize_phone
 
 
 @pytest.mark.parametrize(
@@ -82,6 +84,55 @@ def test_mobile_number_has_a_carrier() -> None:
     phone = normalize_phone("79990009911", "RU")
     assert phone is not None
     assert phone.carrier
+
+
+def _described_by_phonenumbers(raw: str, region: str) -> tuple[bool, str, str]:
+    """Validity, region and carrier as phonenumbers' own lookups give them, each checking
+    the number again: what `normalize_phone` must give while checking it once."""
+    number = phonenumbers.parse(raw, region)
+    return (
+        phonenumbers.is_valid_number(number),
+        geocoder.description_for_number(number, GEO_LANGUAGE),
+        carrier.name_for_number(number, GEO_LANGUAGE),
+    )
+
+
+# Mobiles and landlines of countries with one region and of +7 (Russia and Kazakhstan share
+# it), toll-free, non-geographic (+800, +882), and numbers that are possible but not valid.
+PREFIXES = [
+    "+7999",
+    "+7495",
+    "+7727",
+    "+7700",
+    "+7800",
+    "+380",
+    "+375",
+    "+49",
+    "+1",
+    "+44",
+    "+800",
+    "+882",
+    "+7",
+    "+86",
+    "+61",
+    "+9",
+]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(PREFIXES), st.text(alphabet="0123456789", min_size=4, max_size=9))
+def test_region_and_carrier_are_phonenumbers_own(prefix: str, digits: str) -> None:
+    raw = prefix + digits
+    try:
+        valid, region, carrier_name = _described_by_phonenumbers(raw, "RU")
+    except phonenumbers.NumberParseException:
+        return
+    phone = normalize_phone.__wrapped__(raw, "RU")
+    if valid:
+        assert phone is not None
+        assert (phone.region, phone.carrier) == (region or None, carrier_name or None)
+    elif phone is not None:  # possible, not valid: nothing to look up
+        assert (phone.region, phone.carrier) == (None, None)
 
 
 def test_default_region_decides_national_numbers() -> None:
