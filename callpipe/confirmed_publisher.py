@@ -53,8 +53,9 @@ class ConfirmedPublisher:
         self._method_frames: dict[tuple[int, str, str, bool], bytes] = {}
         self._outgoing: list[Outgoing] = []
         self._writer: asyncio.Task[None] | None = None
-        self._checked: tuple[aiormq.Channel | None, bool] = (None, False)  # the last channel
-        self._open_underlay: aiormq.Channel | None = None  # the last one got, while it is open
+        # The channel got last, and whether its frames can be written directly
+        # (`can_write_frames`, asked once per channel: a reconnect brings a new one).
+        self._current: tuple[aiormq.Channel | None, bool] = (None, False)
 
     @classmethod
     async def open(
@@ -176,10 +177,10 @@ class ConfirmedPublisher:
         return list(await asyncio.gather(*(one(p) for p in publications)))
 
     def _can_write_frames(self, channel: aiormq.Channel) -> bool:
-        """`can_write_frames`, asked once per channel (a reconnect brings a new one)."""
-        if channel is not self._checked[0]:
-            self._checked = (channel, can_write_frames(channel))
-        return self._checked[1]
+        """Whether frames can be written on `channel`, the one `_underlay` returned."""
+        if channel is not self._current[0]:
+            self._current = (channel, can_write_frames(channel))
+        return self._current[1]
 
     async def _underlay(self, deadline: float) -> aiormq.Channel:
         """The channel to publish on; during a reconnect aio-pika waits for the connection
@@ -189,14 +190,12 @@ class ConfirmedPublisher:
         # While the channel got last is open, it is the one aio-pika would give: asking costs
         # a wait for the connection and a timer per publish (~4% of the ingress's CPU). A
         # reconnect closes it, and the channel that replaces it is asked for below.
-        underlay = self._open_underlay
-        if underlay is not None and not underlay.is_closed:
-            return underlay
+        current = self._current[0]
+        if current is not None and not current.is_closed:
+            return current
         async with asyncio.timeout_at(deadline):
             # aio-pika's channels are aiormq's `Channel`.
-            underlay = cast(aiormq.Channel, await self._channel.get_underlay_channel())
-        self._open_underlay = underlay
-        return underlay
+            return cast(aiormq.Channel, await self._channel.get_underlay_channel())
 
     def _outgoing_message(
         self, channel: aiormq.Channel, publication: Publication, timeout_s: float
