@@ -18,9 +18,9 @@ from collections import deque
 from collections.abc import Sequence
 
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from callpipe.broker import plain_headers
+from callpipe.direct_consumer import Delivery, DirectConsumer
 from schemas.topology import Kind
 from workers.acks import AckWindow, Release
 from workers.batch import halves
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 CANCEL_TIMEOUT_S = 3.0
 PARALLEL_BATCHES = 2
 
-Item = tuple[AbstractIncomingMessage, ReceivedWebhook]
+Item = tuple[Delivery, ReceivedWebhook]
 
 
 class CallConsumer:
@@ -52,7 +52,7 @@ class CallConsumer:
 
     def __init__(
         self,
-        queue: AbstractQueue,
+        source: DirectConsumer,
         kind: Kind,
         pipeline: Pipeline,
         publisher: AmqpEventPublisher,
@@ -61,7 +61,7 @@ class CallConsumer:
         metrics: KindMetrics,
         batch_max: int,
     ) -> None:
-        self._queue = queue
+        self._source = source
         self._kind = kind
         self._pipeline = pipeline
         self._publisher = publisher
@@ -71,7 +71,7 @@ class CallConsumer:
         self._batch_max = max(1, batch_max)
         self._consuming = False
         self._stopping = asyncio.Event()
-        self._waiting: deque[AbstractIncomingMessage] = deque()
+        self._waiting: deque[Delivery] = deque()
         self._arrived = asyncio.Event()
         self._batches: set[asyncio.Task[None]] = set()
         self._random = random.Random()
@@ -87,16 +87,15 @@ class CallConsumer:
         """Consume until `stop` is set, then finish (and ack) what is held."""
         dispatching = asyncio.create_task(self._dispatch(), name=f"batches-{self._kind}")
         try:
-            tag = await self._queue.consume(self._on_message)
+            await self._source.start(self._on_message)
             self._consuming = True
-            log.info("worker %s consuming %s", self._kind, self._queue.name)
+            log.info("worker %s consuming %s", self._kind, self._source.queue)
             await stop.wait()
             self._stopping.set()
             self._consuming = False
             try:
                 # Cancelling waits for the channel; while the broker is away that is forever.
-                async with asyncio.timeout(CANCEL_TIMEOUT_S):
-                    await self._queue.cancel(tag)
+                await self._source.stop(CANCEL_TIMEOUT_S)
             except Exception as exc:  # the broker is gone: its unacked deliveries return anyway
                 log.warning("worker %s could not cancel its consumer: %r", self._kind, exc)
             held = len(self._metrics.in_flight.taken_at)  # waiting ones included
@@ -114,19 +113,16 @@ class CallConsumer:
         """Why this consumer takes no deliveries now (None: it does)."""
         if not self._consuming:
             return "stopping" if self._stopping.is_set() else "not consuming yet"
-        if self._queue.channel.is_closed:
-            return "consume channel closed (broker unreachable)"
-        return None
+        return self._source.not_consuming
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    def _on_message(self, message: Delivery) -> None:
         # Only queued here: the work runs in tasks of ours, so a dropped channel (which cancels
-        # aio-pika's delivery tasks) cannot cut a batch between its commit and its acks.
+        # aiormq's delivery tasks) cannot cut a batch between its commit and its acks.
         self._metrics.in_flight.take(message)
         channel = _channel_of(message)
         if channel is not self._acks_channel:
             self._acks, self._acks_channel = AckWindow(), channel
-        if message.delivery_tag is not None:
-            self._acks.delivered(message.delivery_tag)
+        self._acks.delivered(message.delivery_tag)
         self._waiting.append(message)
         self._arrived.set()
 
@@ -151,7 +147,7 @@ class CallConsumer:
         if self._batches:
             await asyncio.wait(set(self._batches))
 
-    async def _run_batch(self, messages: list[AbstractIncomingMessage]) -> None:
+    async def _run_batch(self, messages: list[Delivery]) -> None:
         items: list[Item] = []
         for message in messages:
             try:
@@ -220,7 +216,7 @@ class CallConsumer:
         await self._back_off(failures, [message for message, _ in items])
         return True
 
-    async def _back_off(self, failures: int, messages: Sequence[AbstractIncomingMessage]) -> None:
+    async def _back_off(self, failures: int, messages: Sequence[Delivery]) -> None:
         """Wait before the next attempt; a stop cuts the wait short. Meanwhile the deliveries
         after these are acked without waiting for them."""
         tags = self._tags_in_window(messages)
@@ -233,7 +229,7 @@ class CallConsumer:
         finally:
             self._acks.resumed(tags)
 
-    async def _give_up(self, message: AbstractIncomingMessage, error: Exception) -> None:
+    async def _give_up(self, message: Delivery, error: Exception) -> None:
         """Keep a delivery that can never be stored in `{ns}.dead`, then ack it; while the
         dead letter is not confirmed, keep trying (or hand it back when stopping)."""
         reason = f"{type(error).__name__}: {error}"
@@ -259,7 +255,7 @@ class CallConsumer:
         await self._ack([message])
         self._metrics.dead_lettered.inc()
 
-    async def _ack(self, messages: Sequence[AbstractIncomingMessage]) -> None:
+    async def _ack(self, messages: Sequence[Delivery]) -> None:
         """Ack deliveries whose work is done: those of the current channel through the window,
         any from an earlier channel alone (the broker redelivers those anyway)."""
         for message in messages:
@@ -272,7 +268,7 @@ class CallConsumer:
                 if not self._in_window(message):
                     await self._settle_alone(message, ack=True)
 
-    async def _hand_back(self, message: AbstractIncomingMessage) -> None:
+    async def _hand_back(self, message: Delivery) -> None:
         """Nack first: until the window knows it settled, no `multiple` ack can pass it (an
         ack past it before the nack would ack it, and the nack would then close the channel)."""
         self._count_settled(message)
@@ -282,15 +278,11 @@ class CallConsumer:
             async with self._acking:
                 await self._send_acks(self._acks.settled_alone(tags))
 
-    def _in_window(self, message: AbstractIncomingMessage) -> bool:
-        return message.delivery_tag is not None and _channel_of(message) is self._acks_channel
+    def _in_window(self, message: Delivery) -> bool:
+        return _channel_of(message) is self._acks_channel
 
-    def _tags_in_window(self, messages: Sequence[AbstractIncomingMessage]) -> list[int]:
-        return [
-            m.delivery_tag
-            for m in messages
-            if m.delivery_tag is not None and _channel_of(m) is self._acks_channel
-        ]
+    def _tags_in_window(self, messages: Sequence[Delivery]) -> list[int]:
+        return [m.delivery_tag for m in messages if _channel_of(m) is self._acks_channel]
 
     async def _send_acks(self, release: Release) -> None:
         if release.multiple_up_to is None and not release.alone:
@@ -306,14 +298,14 @@ class CallConsumer:
         except Exception as exc:
             log.warning("could not ack deliveries (the broker will redeliver them): %s", exc)
 
-    def _count_settled(self, message: AbstractIncomingMessage) -> None:
+    def _count_settled(self, message: Delivery) -> None:
         taken_at = self._metrics.in_flight.taken_at.get(message)
         self._metrics.in_flight.settle(message)
         if taken_at is not None:
             self._metrics.processing_seconds.observe(time.monotonic() - taken_at)
 
     @staticmethod
-    async def _settle_alone(message: AbstractIncomingMessage, *, ack: bool) -> None:
+    async def _settle_alone(message: Delivery, *, ack: bool) -> None:
         """Ack, or hand back, one delivery; after a reconnect the delivery tag is stale and
         the broker redelivers anyway."""
         try:
@@ -322,9 +314,6 @@ class CallConsumer:
             log.warning("could not settle delivery (the broker will redeliver it): %s", exc)
 
 
-def _channel_of(message: AbstractIncomingMessage) -> aiormq.abc.AbstractChannel | None:
+def _channel_of(message: Delivery) -> aiormq.abc.AbstractChannel | None:
     """The protocol channel a delivery came on (None once that channel is closed)."""
-    try:
-        return message.channel
-    except aiormq.exceptions.ChannelInvalidStateError:
-        return None
+    return None if message.channel.is_closed else message.channel

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
-
 from callpipe.confirmed_publisher import ConfirmedPublisher, Publication, PublishFailedError
+from callpipe.direct_consumer import Delivery
 from schemas.topology import HEADER_ERROR, Topology
 from workers.errors import TransientError
 from workers.events import OutboxEvent, stored_to_outbox
@@ -52,7 +51,7 @@ class AmqpEventPublisher:
         """Publish an envelope (the stale sweep's, confirmed before its commit)."""
         await self.publish_stored(stored_to_outbox(str(event["event_id"]), event))
 
-    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def dead_letter(self, message: Delivery, reason: str) -> None:
         """Keep a message that can never be processed in `{ns}.dead`, with the reason."""
         headers = {**(message.headers or {}), HEADER_ERROR: reason[:1000]}
         try:

@@ -9,8 +9,9 @@ from contextlib import AsyncExitStack
 
 import asyncpg
 
-from callpipe.broker import connect, declare_topology, work_queue_arguments
+from callpipe.broker import connect, declare_topology
 from callpipe.confirmed_publisher import ConfirmedPublisher
+from callpipe.direct_consumer import DirectConsumer
 from callpipe.kept_queues import bounds_of
 from callpipe.retry import StoppedError, retry_until_done
 from callpipe.settings import Settings
@@ -102,8 +103,12 @@ async def _start(
     channel = await consume_conn.channel()
     await declare_topology(channel, topology, bounds_of(settings))
     await channel.set_qos(prefetch_count=settings.prefetch)
-    queue = await channel.declare_queue(
-        topology.call_queue(kind), durable=True, arguments=work_queue_arguments(topology)
+    # Declared (and bound) again by aio-pika after a reconnect; by the consumer after the
+    # broker cancelled it (the queue was deleted).
+    source = DirectConsumer(
+        channel,
+        topology.call_queue(kind),
+        redeclare=lambda: declare_topology(channel, topology, bounds_of(settings)),
     )
     publisher = await ConfirmedPublisher.open(publish_conn, settings.publish_timeout_s)
     events = AmqpEventPublisher(publisher, topology)
@@ -122,7 +127,7 @@ async def _start(
         )
         start_sweeping(sweeper, stop, resources, settings.shutdown_timeout_s)
     consumer = CallConsumer(
-        queue, kind, pipeline, events, relay, RetryPolicy(), metrics, batch_max=batch_max
+        source, kind, pipeline, events, relay, RetryPolicy(), metrics, batch_max=batch_max
     )
     return consumer, relay
 

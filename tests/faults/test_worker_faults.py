@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -249,6 +250,32 @@ async def test_database_down_holds_the_message_and_stores_it_when_back(
         return await stored_calls(db, settings) == 2 and await published_events(db, settings) == 2
 
     await wait_for(both_stored, seconds=30, what="the held call stored after the outage")
+
+
+async def test_a_deleted_call_queue_is_declared_again_and_the_worker_goes_on(
+    settings: Settings, amqp: AbstractRobustConnection, db: asyncpg.Pool, workers: Workers
+) -> None:
+    workers.start(settings, "end")
+    await publish(amqp, settings.topology, [webhook("before")])
+    await wait_for(lambda: stored_calls(db, settings), what="the first call")
+    queue = settings.topology.call_queue("end")
+    async with amqp.channel() as channel:
+        await channel.queue_delete(queue)  # the broker cancels the worker's consumer
+
+    async def consumed_again() -> bool:
+        async with amqp.channel() as channel:
+            with contextlib.suppress(aio_pika.exceptions.ChannelNotFoundEntity):
+                declared = await channel.declare_queue(queue, passive=True)
+                return declared.declaration_result.consumer_count == 1
+        return False
+
+    await wait_for(consumed_again, what="the queue declared again, with the worker on it")
+    await publish(amqp, settings.topology, [webhook("after")])  # bound again: it arrives
+
+    async def both_published() -> bool:
+        return await published_events(db, settings) == 2
+
+    await wait_for(both_published, what="the call sent after the deletion stored")
 
 
 async def test_broker_drop_loses_nothing(
