@@ -28,14 +28,8 @@ class ReceivedWebhook:
     payload: CallEndPayload
     document: dict[str, Any]
     document_json: bytes  # `document` as JSON text (the body as received, see `Webhook`)
-
-    @property
-    def call_id(self) -> str:
-        return self.payload.id
-
-    @property
-    def event_id(self) -> str:
-        return event_id(self.project, self.call_id, self.kind)
+    call_id: str  # `payload.id`
+    event_id: str  # `{project}:{call_id}:{kind}`, read many times on the way: made once
 
 
 def decode_delivery(body: bytes, headers: dict[str, str], queue_kind: Kind) -> ReceivedWebhook:
@@ -58,6 +52,8 @@ def decode_delivery(body: bytes, headers: dict[str, str], queue_kind: Kind) -> R
         payload=webhook.payload,
         document=webhook.document,
         document_json=webhook.document_json,
+        call_id=webhook.payload.id,
+        event_id=event_id(project, webhook.payload.id, webhook.kind),
     )
 
 

@@ -384,7 +384,9 @@ def _event_row(webhook: ReceivedWebhook, event: OutboxEvent) -> dict[str, Any]:
 
 
 def _call_row(webhook: ReceivedWebhook, call: CallFields) -> dict[str, Any]:
-    row = {name: getattr(call, name) for name in MERGED_COLUMNS}
+    # Every field of the model, a copy of its own: `jsonb_to_recordset` reads the columns it
+    # names (_CALL_ROW_TYPES) and skips the rest, which costs less than picking them here.
+    row = dict(call.__dict__)
     row.update(project=webhook.project, call_id=webhook.call_id, kind=webhook.kind)
     row["received_at"] = webhook.received_at
     return row
