@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=65536, ge=1024)
     roistat_tz: str = "Europe/Moscow"
     default_region: str = "RU"
-    prefetch: int = Field(default=512, ge=1, le=10000)
+    prefetch: int = Field(default=256, ge=1, le=10000)
     publish_timeout_s: float = Field(default=5.0, gt=0)
     shutdown_timeout_s: float = Field(default=20.0, gt=0)
     log_level: str = "INFO"
