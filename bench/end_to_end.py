@@ -287,7 +287,10 @@ async def run_rate(
     spool_dir = tempfile.mkdtemp(prefix="callpipe-bench-spool-")
     port = free_port()
     urls = (namespace, args.amqp_url, args.database_url)
-    env = callpipe_env(*urls, http_port=str(port), spool_dir=spool_dir, log_level=args.log_level)
+    extra = {"prefetch": str(args.prefetch)} if args.prefetch else {}
+    env = callpipe_env(
+        *urls, http_port=str(port), spool_dir=spool_dir, log_level=args.log_level, **extra
+    )
     env["CALLPIPE_DRAIN_S"] = "0"  # on SIGTERM the ingress stops at once: no load balancer here
     base = f"http://{LOCALHOST}:{port}"
     pg_port = urlsplit(args.database_url).port or 5432
@@ -437,6 +440,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     add("--p99-ms", type=float, default=250.0, help="latency target, ms (250)")
     add("--end-delay", type=float, default=0.1, help="a call's end after its start, s (0.1)")
     add("--connections", type=int, default=256, help="client connection limit (256)")
+    add("--prefetch", type=int, help="the workers' (default: callpipe's)")
     add("--drain-timeout", type=float, default=60.0, help="s after the last POST (60)")
     levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
     add("--log-level", default="INFO", choices=levels, help="children's (INFO: a line per webhook)")
