@@ -111,9 +111,7 @@ async def test_it_consumes_again_when_the_broker_closed_the_channel(
     topology = Topology(namespace)
     consumer, received = consumer_of(channel, topology), Received()
     await consumer.start(received)
-    first = await channel.get_underlay_channel()
-    await first.basic_ack(10**6)  # an unknown delivery tag: the broker closes the channel
-    await wait_for(lambda: _closed(first), what="the broker to close the channel")
+    first = await closed_by_the_broker(channel)
 
     async def consuming_again() -> bool:
         return consumer.not_consuming is None and await queued(amqp, topology) == (0, 1)
@@ -163,16 +161,24 @@ async def test_after_a_stop_nothing_is_delivered_even_after_a_reopen(
     await consumer.start(received)
     await consumer.stop(timeout_s=5)
     assert consumer.not_consuming == "not consuming"
-    first = await channel.get_underlay_channel()
-    await first.basic_ack(10**6)
+    first = await closed_by_the_broker(channel)
     await wait_for(lambda: _reopened(channel, first), what="the channel reopened")
     await publish(amqp, topology, "acme:4:end")
     assert await wait_for(lambda: _one_ready(amqp, topology), what="the message left queued")
     assert received.deliveries == []
 
 
-async def _closed(channel: object) -> bool:
-    return bool(getattr(channel, "is_closed", False))
+async def closed_by_the_broker(channel: AbstractRobustChannel) -> object:
+    """Make the broker close `channel`'s protocol channel (an ack of a delivery tag it never
+    sent); the closed one, once it is closed. aio-pika reopens the channel after it."""
+    protocol_channel = await channel.get_underlay_channel()
+    await protocol_channel.basic_ack(10**6)
+
+    async def closed() -> bool:
+        return protocol_channel.is_closed
+
+    await wait_for(closed, what="the broker to close the channel")
+    return protocol_channel
 
 
 async def _reopened(channel: AbstractRobustChannel, old: object) -> bool:
