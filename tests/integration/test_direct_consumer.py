@@ -39,6 +39,18 @@ class Received:
         return enough
 
 
+Running = tuple[Topology, DirectConsumer, Received]
+
+
+@pytest.fixture
+async def running(namespace: str, channel: AbstractRobustChannel) -> Running:
+    """A consumer of the namespace's call-end queue, started, and what it received."""
+    topology = Topology(namespace)
+    consumer, received = consumer_of(channel, topology), Received()
+    await consumer.start(received)
+    return topology, consumer, received
+
+
 def consumer_of(
     channel: AbstractRobustChannel,
     topology: Topology,
@@ -69,11 +81,9 @@ async def queued(amqp: AbstractRobustConnection, topology: Topology) -> tuple[in
 
 
 async def test_a_delivery_carries_what_a_consumer_reads_and_acks_on_its_channel(
-    amqp: AbstractRobustConnection, namespace: str, channel: AbstractRobustChannel
+    amqp: AbstractRobustConnection, channel: AbstractRobustChannel, running: Running
 ) -> None:
-    topology = Topology(namespace)
-    consumer, received = consumer_of(channel, topology), Received()
-    await consumer.start(received)
+    topology, consumer, received = running
     assert consumer.not_consuming is None
     await publish(amqp, topology, "acme:1:end")
     await wait_for(received.arrived(1), what="the delivery")
@@ -90,11 +100,9 @@ async def test_a_delivery_carries_what_a_consumer_reads_and_acks_on_its_channel(
 
 
 async def test_a_nacked_delivery_comes_again(
-    amqp: AbstractRobustConnection, namespace: str, channel: AbstractRobustChannel
+    amqp: AbstractRobustConnection, running: Running
 ) -> None:
-    topology = Topology(namespace)
-    consumer, received = consumer_of(channel, topology), Received()
-    await consumer.start(received)
+    topology, consumer, received = running
     await publish(amqp, topology, "acme:1:end")
     await wait_for(received.arrived(1), what="the delivery")
     await received.deliveries[0].nack(requeue=True)
@@ -106,11 +114,9 @@ async def test_a_nacked_delivery_comes_again(
 
 
 async def test_it_consumes_again_when_the_broker_closed_the_channel(
-    amqp: AbstractRobustConnection, namespace: str, channel: AbstractRobustChannel
+    amqp: AbstractRobustConnection, channel: AbstractRobustChannel, running: Running
 ) -> None:
-    topology = Topology(namespace)
-    consumer, received = consumer_of(channel, topology), Received()
-    await consumer.start(received)
+    topology, consumer, received = running
     first = await closed_by_the_broker(channel)
 
     async def consuming_again() -> bool:
@@ -154,11 +160,9 @@ async def test_a_deleted_queue_is_declared_again_and_consumed(
 
 
 async def test_after_a_stop_nothing_is_delivered_even_after_a_reopen(
-    amqp: AbstractRobustConnection, namespace: str, channel: AbstractRobustChannel
+    amqp: AbstractRobustConnection, channel: AbstractRobustChannel, running: Running
 ) -> None:
-    topology = Topology(namespace)
-    consumer, received = consumer_of(channel, topology), Received()
-    await consumer.start(received)
+    topology, consumer, received = running
     await consumer.stop(timeout_s=5)
     assert consumer.not_consuming == "not consuming"
     first = await closed_by_the_broker(channel)
