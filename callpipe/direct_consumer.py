@@ -82,6 +82,7 @@ class DirectConsumer:
         self._stopping = False
         self._consuming: tuple[aiormq.abc.AbstractChannel, str] | None = None
         self._resubscribing: asyncio.Task[None] | None = None
+        self._resubscribing_because: str | None = None  # for `not_consuming`
 
     @property
     def queue(self) -> str:
@@ -92,13 +93,10 @@ class DirectConsumer:
         """Why no delivery comes now (None: they do)."""
         if self._on_delivery is None or self._stopping:
             return "not consuming"
-        if self._channel.is_closed or self._consuming is None:
+        if self._channel.is_closed or (self._consuming and self._consuming[0].is_closed):
             return "consume channel closed (broker unreachable)"
-        protocol_channel, _ = self._consuming
-        if protocol_channel.is_closed:
-            return "consume channel closed (broker unreachable)"
-        if self._resubscribing is not None:
-            return "consumer cancelled by the broker; subscribing again"
+        if self._consuming is None:
+            return self._resubscribing_because or "consume channel closed (broker unreachable)"
         return None
 
     async def start(self, on_delivery: OnDelivery) -> None:
@@ -138,18 +136,19 @@ class DirectConsumer:
     def _on_reopen(self, _channel: Any) -> None:
         # aio-pika has declared the queue again by now: consume on the new protocol channel.
         self._consuming = None
-        self._resubscribe(redeclare=False)
+        self._resubscribe("channel reopened; subscribing again", redeclare=False)
 
     def _on_broker_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
         if self._consuming is None or frame.consumer_tag != self._consuming[1]:
             return
         log.warning("the broker cancelled the consumer of %s; subscribing again", self._queue)
         self._consuming = None
-        self._resubscribe(redeclare=True)
+        self._resubscribe("consumer cancelled by the broker; subscribing again", redeclare=True)
 
-    def _resubscribe(self, *, redeclare: bool) -> None:
+    def _resubscribe(self, because: str, *, redeclare: bool) -> None:
         if self._stopping or self._resubscribing is not None:
             return
+        self._resubscribing_because = because
         self._resubscribing = asyncio.get_running_loop().create_task(
             self._resubscribe_until_done(redeclare), name=f"resubscribe-{self._queue}"
         )
@@ -171,4 +170,4 @@ class DirectConsumer:
                     log.warning("could not consume %s (%r); again in %gs", self._queue, exc, delay)
                     await asyncio.sleep(delay)
         finally:
-            self._resubscribing = None
+            self._resubscribing = self._resubscribing_because = None

@@ -147,6 +147,11 @@ async def test_a_deleted_queue_is_declared_again_and_consumed(
     async with amqp.channel() as deleting:
         await deleting.queue_delete(topology.call_queue("end"))
 
+    async def told_why() -> bool:  # while the first declaration's retry waits
+        return consumer.not_consuming == "consumer cancelled by the broker; subscribing again"
+
+    await wait_for(told_why, what="the reason it does not consume, while it retries")
+
     async def consuming_again() -> bool:
         return consumer.not_consuming is None and bool(declared)
 
