@@ -32,9 +32,11 @@ CALL = {
 }
 
 
-async def drain(amqp: AbstractConnection, queue_name: str) -> list[AbstractIncomingMessage]:
-    """Every message now in a queue (acked, so the queue is left empty)."""
-    found = []
+async def drain(
+    amqp: AbstractConnection, queue_name: str, found: list[AbstractIncomingMessage] | None = None
+) -> list[AbstractIncomingMessage]:
+    """Every message now in a queue (acked, so the queue is left empty), added to `found`."""
+    found = [] if found is None else found
     async with amqp.channel() as channel:
         queue = await channel.get_queue(queue_name)
         while (message := await queue.get(fail=False)) is not None:
@@ -50,10 +52,11 @@ async def drain_if_ready(amqp_url: str, queue_name: str) -> list[AbstractIncomin
     and just after, a quorum queue whose process has not started yet makes the broker
     close the whole connection ("noproc"), which must not break the tests' shared one.
     """
+    found: list[AbstractIncomingMessage] = []  # kept if the connection fails after a get
     with contextlib.suppress(aio_pika.exceptions.AMQPError):
         async with await aio_pika.connect(amqp_url, timeout=10) as connection:
-            return await drain(connection, queue_name)
-    return []
+            await drain(connection, queue_name, found)
+    return found
 
 
 async def test_valid_call_start_is_confirmed_and_queued_unchanged(
