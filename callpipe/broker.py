@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from typing import Any
@@ -17,6 +18,7 @@ from aio_pika.abc import (
     HeadersType,
 )
 
+from callpipe import frame_reader
 from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds, QueueBound, kept_queue_arguments
 from callpipe.retry import retry_until_done
 from schemas.topology import DELIVERY_LIMIT, Topology
@@ -125,6 +127,7 @@ async def connect(
     url: str, *, name: str, stop: asyncio.Event | None = None
 ) -> AbstractRobustConnection:
     """A robust connection, retried with backoff until the broker answers (or `stop` is set)."""
+    _read_frames_in_bulk()
     return await retry_until_done(
         f"connecting to the broker as {name}",
         lambda: aio_pika.connect_robust(
@@ -133,6 +136,18 @@ async def connect(
         retry_on=(TimeoutError, OSError, aiormq.exceptions.AMQPError),
         stop=stop,
     )
+
+
+@functools.cache
+def _read_frames_in_bulk() -> bool:
+    """Once per process: connections read their frames in bulk (`callpipe.frame_reader`)."""
+    installed = frame_reader.install()
+    if not installed:
+        log.warning(
+            "this aiormq is not shaped as callpipe.frame_reader expects: frames are "
+            "read aiormq's own way (slower, not wrong)"
+        )
+    return installed
 
 
 def plain_headers(headers: HeadersType | None) -> dict[str, str]:
