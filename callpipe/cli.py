@@ -1,4 +1,9 @@
-"""The `callpipe` command: a thin dispatcher to the ingress, the workers and set-up."""
+"""The `callpipe` command: a thin dispatcher to the ingress, the workers and set-up.
+
+Each process imports the components it runs, in `dispatch`, before the runner freezes what
+start-up loaded (`callpipe.runner.run`): an ingress does not load the workers' phone data
+(~120 MB), nor a worker the ingress app.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +24,7 @@ from callpipe.dead_commands import (
 )
 from callpipe.kept_queues import bounds_of
 from callpipe.logs import setup_logging
-from callpipe.runner import (
-    Component,
-    run,
-    run_until_signalled,
-    serve_ingress,
-    serve_worker_endpoints,
-)
+from callpipe.runner import Component, run, run_until_signalled
 from callpipe.sample import send_sample
 from callpipe.settings import Settings, configuration_errors
 from callpipe.sink_commands import (
@@ -43,8 +42,7 @@ from callpipe.subscription_commands import (
     replay_stored_events,
     subscribe_queue,
 )
-from workers.health import WorkerMonitor
-from workers.service import migrate_when_up, run_worker
+from workers.migrate import migrate_when_up
 
 
 async def setup(settings: Settings) -> int:
@@ -153,8 +151,13 @@ def dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     components: list[Component] = []
     if args.command in ("run", "ingress"):
+        from ingress.serve import serve_ingress
+
         components.append(partial(serve_ingress, settings))
     if args.command in ("run", "worker"):
+        from workers.health import WorkerMonitor, serve_worker_endpoints
+        from workers.service import run_worker
+
         # One server for the process: `run` serves both kinds' metrics and readiness on it.
         monitor = WorkerMonitor()
         if settings.metrics_port:

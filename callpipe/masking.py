@@ -1,8 +1,9 @@
-"""Phone numbers out of what the dead-letter commands print: pure.
+"""Phone numbers out of logs and out of what the dead-letter commands print: pure.
 
-The fields that hold phones (`caller`, `callee`, anywhere in a webhook or an event) are
-masked whatever their form; any other text is masked where it has a run of 10 to 15 digits,
-which is how Roistat writes a phone number. Ids (`id`, `visit_id`, ...) are left as they are.
+`mask_phone` masks one number, for a log line. In a document, the fields that hold phones
+(`caller`, `callee`, anywhere in a webhook or an event) are masked whatever their form; any
+other text is masked where it has a run of 10 to 15 digits, which is how Roistat writes a
+phone number. Ids (`id`, `visit_id`, ...) are left as they are.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from typing import Any
-
-from workers.phones import mask_phone
 
 PHONE_KEYS = frozenset({"caller", "callee", "phone"})
 ID_KEYS = frozenset(
@@ -27,6 +26,15 @@ ID_KEYS = frozenset(
     }
 )
 _PHONE_RUN = re.compile(r"(?<!\d)\+?\d{10,15}(?!\d)")
+
+
+def mask_phone(value: str | None) -> str:
+    """A phone number safe for logs: country prefix and last two digits, e.g. `+7999*****11`."""
+    if not value:
+        return "-"
+    if len(value) <= 6:
+        return "*" * len(value)
+    return value[:4] + "*" * (len(value) - 6) + value[-2:]
 
 
 def mask_text(text: str) -> str:

@@ -1,4 +1,5 @@
-"""Start-up steps wait for their service instead of crashing: retried with capped backoff."""
+"""Start-up steps wait for their service instead of crashing: retried with capped backoff.
+Stop steps never hang on a service that is gone: `close_quietly`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ T = TypeVar("T")
 
 # Short enough that a service coming back is noticed within seconds, not after a long backoff.
 MAX_DELAY_S = 2.0
+
+# After the drain (SHUTDOWN_TIMEOUT_S) each close gets this long at most, so a stop stays
+# within Docker's grace period even when the broker or database is gone.
+CLOSE_TIMEOUT_S = 2.0
 
 
 class StoppedError(Exception):
@@ -56,3 +61,11 @@ async def _unless_stopped(what: str, attempt: Callable[[], Awaitable[T]], stop: 
             await trying
         raise StoppedError(what)
     return trying.result()
+
+
+async def close_quietly(close: Callable[[], Awaitable[object]]) -> None:
+    """Closing what is already broken must neither fail nor hang the stop."""
+    try:
+        await asyncio.wait_for(close(), timeout=CLOSE_TIMEOUT_S)
+    except Exception as exc:
+        log.warning("%r while closing", exc)

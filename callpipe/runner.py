@@ -1,4 +1,6 @@
-"""Run components (ingress, workers) until SIGTERM or SIGINT, then stop them gracefully."""
+"""Run components (ingress, workers) until SIGTERM or SIGINT, then stop them gracefully.
+
+The servers themselves are the components' own: `ingress.serve`, `workers.health`."""
 
 from __future__ import annotations
 
@@ -10,13 +12,6 @@ import socket
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
-
-from aiohttp import web
-
-from callpipe.settings import Settings
-from ingress.app import DRAINING, init_app
-from ingress.spool import SpoolLockedError
-from workers.health import WorkerMonitor, init_worker_app
 
 log = logging.getLogger(__name__)
 
@@ -59,73 +54,6 @@ def listen(host: str, port: int) -> list[socket.socket]:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise StartupError(f"cannot listen on {where}: {reason.lower()}") from exc
     return sockets
-
-
-async def serve_ingress(settings: Settings, stop: asyncio.Event) -> None:
-    """Serve HTTP until `stop`; then stop accepting, let in-flight requests finish, close."""
-    # First, before any await: a port in use fails here, before the broker link (started by the
-    # app) or any other component has started, so nothing is left to stop.
-    sockets = listen(settings.http_host, settings.http_port)
-    try:
-        app = init_app(settings)
-        runner = web.AppRunner(
-            app,
-            handle_signals=False,
-            shutdown_timeout=settings.shutdown_timeout_s,
-            access_log=None,
-        )
-        try:
-            await runner.setup()  # opens the spool
-        except SpoolLockedError as exc:
-            raise StartupError(str(exc)) from exc
-        try:
-            for sock in sockets:
-                await web.SockSite(runner, sock, backlog=BACKLOG).start()
-            log.info("ingress listening on http://%s:%d", settings.http_host, settings.http_port)
-            await stop.wait()
-            if settings.drain_s > 0:
-                # Not ready any more, but still serving: a balancer stops sending, and what is
-                # already on its way (even a connection not yet accepted) is answered.
-                app[DRAINING].set()
-                log.info("ingress draining for %gs before it stops", settings.drain_s)
-                await asyncio.sleep(settings.drain_s)
-            log.info("ingress stopping: finishing in-flight requests")
-        finally:
-            await runner.cleanup()
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-async def serve_worker_endpoints(
-    settings: Settings, monitor: WorkerMonitor, stop: asyncio.Event
-) -> None:
-    """/healthz, /readyz, /metrics of this process's workers on CALLPIPE_METRICS_PORT until
-    `stop`. Unlike the ingress's port, one in use does not stop the workers: calls are still
-    stored, the error says which variable to change."""
-    try:
-        sockets = listen(settings.http_host, settings.metrics_port)
-    except StartupError as exc:
-        log.error(
-            "workers serve no /healthz, /readyz, /metrics: %s (give each worker process its own"
-            " CALLPIPE_METRICS_PORT, or 0 for none)",
-            exc,
-        )
-        await stop.wait()  # a component that returns would stop the whole process
-        return
-    try:
-        runner = web.AppRunner(init_worker_app(monitor), handle_signals=False, access_log=None)
-        await runner.setup()
-        try:
-            for sock in sockets:
-                await web.SockSite(runner, sock, backlog=BACKLOG).start()
-            log.info("worker endpoints on http://%s:%d", settings.http_host, settings.metrics_port)
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 async def run_until_signalled(components: list[Component]) -> int:

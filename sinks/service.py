@@ -13,7 +13,7 @@ import asyncpg
 from callpipe.broker import connect, declare_topology, work_queue_arguments
 from callpipe.confirmed_publisher import ConfirmedPublisher
 from callpipe.kept_queues import bounds_of
-from callpipe.retry import StoppedError
+from callpipe.retry import StoppedError, close_quietly
 from callpipe.settings import Settings
 from schemas import codec
 from schemas.events import CallEvent, CallFields
@@ -22,7 +22,7 @@ from sinks.consumer import SinkConsumer
 from sinks.port import DeliveryResult, Event
 from sinks.registry import SinkResources, open_sink
 from sinks.topology import declare_sink
-from workers.service import close_quietly, migrate_when_up
+from workers.migrate import migrate_when_up
 from workers.storage import create_pool
 
 log = logging.getLogger(__name__)

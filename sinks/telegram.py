@@ -14,12 +14,12 @@ import aiohttp
 import asyncpg
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 
+from callpipe.masking import mask_phone
 from schemas import codec
 from sinks.alerts import AlertKey, AlertStore, Claim
 from sinks.config import SinkConfig
 from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater
 from sinks.telegram_text import followed_up_text, missed_call_text
-from workers.phones import mask_phone
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,8 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from callpipe.runner import BACKLOG, StartupError, listen
+from callpipe.settings import Settings
 from schemas.topology import Kind
 from workers.metrics import WorkerMetrics
 
@@ -142,3 +144,34 @@ def init_worker_app(monitor: WorkerMonitor) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+async def serve_worker_endpoints(
+    settings: Settings, monitor: WorkerMonitor, stop: asyncio.Event
+) -> None:
+    """/healthz, /readyz, /metrics of this process's workers on CALLPIPE_METRICS_PORT until
+    `stop`. Unlike the ingress's port, one in use does not stop the workers: calls are still
+    stored, the error says which variable to change."""
+    try:
+        sockets = listen(settings.http_host, settings.metrics_port)
+    except StartupError as exc:
+        log.error(
+            "workers serve no /healthz, /readyz, /metrics: %s (give each worker process its own"
+            " CALLPIPE_METRICS_PORT, or 0 for none)",
+            exc,
+        )
+        await stop.wait()  # a component that returns would stop the whole process
+        return
+    try:
+        runner = web.AppRunner(init_worker_app(monitor), handle_signals=False, access_log=None)
+        await runner.setup()
+        try:
+            for sock in sockets:
+                await web.SockSite(runner, sock, backlog=BACKLOG).start()
+            log.info("worker endpoints on http://%s:%d", settings.http_host, settings.metrics_port)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+    finally:
+        for sock in sockets:
+            sock.close()

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
 
+from callpipe.retry import retry_until_done
+from callpipe.settings import Settings
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+DATABASE_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def migration_files() -> list[Path]:
@@ -43,3 +49,18 @@ async def migrate(conn: Connection, namespace: str) -> list[str]:
 async def drop_schema(conn: Connection, namespace: str) -> None:
     """Remove the namespace's schema and everything in it (tests, `callpipe teardown`)."""
     await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+
+
+async def migrate_database(settings: Settings) -> list[str]:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await migrate(conn, settings.namespace)
+    finally:
+        await conn.close()
+
+
+async def migrate_when_up(settings: Settings, stop: asyncio.Event | None = None) -> list[str]:
+    """Migrate once the database answers (retried with backoff until then, or until `stop`)."""
+    return await retry_until_done(
+        "database migration", lambda: migrate_database(settings), retry_on=DATABASE_DOWN, stop=stop
+    )

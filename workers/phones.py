@@ -88,12 +88,3 @@ def normalize_phone(raw: str | None, default_region: str) -> Phone | None:
         region=_region_name(number, kind) or None,
         carrier=_carrier_name(number, kind) or None,
     )
-
-
-def mask_phone(value: str | None) -> str:
-    """A phone number safe for logs: country prefix and last two digits, e.g. `+7999*****11`."""
-    if not value:
-        return "-"
-    if len(value) <= 6:
-        return "*" * len(value)
-    return value[:4] + "*" * (len(value) - 6) + value[-2:]

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
+from callpipe.masking import mask_phone
 from workers.delivery import ReceivedWebhook
 from workers.enrich import enrich
 from workers.events import render_outbox
-from workers.phones import mask_phone
 from workers.storage import CallStore, StoredBatch
 
 log = logging.getLogger(__name__)

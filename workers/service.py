@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-
-import asyncpg
 
 from callpipe.broker import connect, declare_topology
 from callpipe.confirmed_publisher import ConfirmedPublisher
 from callpipe.direct_consumer import DirectConsumer
 from callpipe.kept_queues import bounds_of
-from callpipe.retry import StoppedError, retry_until_done
+from callpipe.retry import CLOSE_TIMEOUT_S, StoppedError, close_quietly
 from callpipe.settings import Settings
 from schemas.topology import Kind
 from workers.consumer import PARALLEL_BATCHES, CallConsumer
 from workers.errors import RetryPolicy
 from workers.health import WorkerMonitor
 from workers.metrics import KindMetrics
-from workers.migrate import migrate
+from workers.migrate import migrate_when_up
 from workers.outbox import OutboxRelay, RelaySettings
 from workers.pipeline import Pipeline
 from workers.publishing import AmqpEventPublisher
@@ -29,26 +26,6 @@ from workers.stale_store import PostgresStaleStore
 from workers.storage import PostgresCallStore, create_pool
 
 log = logging.getLogger(__name__)
-
-# After the drain (SHUTDOWN_TIMEOUT_S) each of the three closes gets this long at most, so a
-# stop stays within Docker's grace period even when the broker or database is gone.
-CLOSE_TIMEOUT_S = 2.0
-
-DATABASE_DOWN = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
-
-
-async def migrate_database(settings: Settings) -> list[str]:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        return await migrate(conn, settings.namespace)
-    finally:
-        await conn.close()
-
-
-async def migrate_when_up(settings: Settings, stop: asyncio.Event | None = None) -> list[str]:
-    return await retry_until_done(
-        "database migration", lambda: migrate_database(settings), retry_on=DATABASE_DOWN, stop=stop
-    )
 
 
 async def run_worker(
@@ -130,11 +107,3 @@ async def _start(
         source, kind, pipeline, events, relay, RetryPolicy(), metrics, batch_max=batch_max
     )
     return consumer, relay
-
-
-async def close_quietly(close: Callable[[], Awaitable[object]]) -> None:
-    """Closing what is already broken must neither fail nor hang the stop."""
-    try:
-        await asyncio.wait_for(close(), timeout=CLOSE_TIMEOUT_S)
-    except Exception as exc:
-        log.warning("%r while closing", exc)

@@ -20,10 +20,9 @@ from aio_pika.abc import AbstractRobustConnection
 from callpipe_testing import TcpProxy, wait_for
 from conftest import Services, free_port, make_settings
 
-from callpipe.runner import serve_worker_endpoints
 from callpipe.settings import Settings
 from schemas import codec
-from workers.health import WorkerMonitor
+from workers.health import WorkerMonitor, serve_worker_endpoints
 from workers.service import run_worker
 
 

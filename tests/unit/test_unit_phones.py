@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phonenumbers import carrier, geocoder
 
-from workers.phones import GEO_LANGUAGE, Phone, mask_phone, normalize_phone
+from callpipe.masking import mask_phone
+from workers.phones import GEO_LANGUAGE, Phone, normalize_phone
 
 
 @pytest.mark.parametrize(
