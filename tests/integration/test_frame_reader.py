@@ -22,6 +22,16 @@ SIZES = [0, 1, 4095, 131_072, 300_001]
 
 
 @contextlib.asynccontextmanager
+async def connected(url: str, name: str) -> AsyncIterator[AbstractRobustConnection]:
+    """A connection as callpipe opens them (`callpipe.broker.connect`), closed after."""
+    connection = await connect(url, name=name)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@contextlib.asynccontextmanager
 async def through_proxy(
     services: Services, name: str
 ) -> AsyncIterator[tuple[TcpProxy, AbstractRobustConnection]]:
@@ -29,11 +39,10 @@ async def through_proxy(
     proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
     await proxy.start()
     netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-    connection = await connect(target._replace(netloc=netloc).geturl(), name=name)
     try:
-        yield proxy, connection
+        async with connected(target._replace(netloc=netloc).geturl(), name) as connection:
+            yield proxy, connection
     finally:
-        await connection.close()
         await proxy.cut()  # closes the proxy's own server and links
 
 
@@ -65,12 +74,9 @@ async def round_trip(connection: AbstractRobustConnection, queue_name: str, coun
 async def test_callpipe_connections_read_frames_in_bulk_and_messages_arrive_whole(
     services: Services, namespace: str
 ) -> None:
-    connection = await connect(services.amqp_url, name="cpt-frames")
-    try:
+    async with connected(services.amqp_url, "cpt-frames") as connection:
         assert aiormq.connection.FrameReceiver is BulkFrameReceiver
         await round_trip(connection, f"{namespace}.frames", count=20)
-    finally:
-        await connection.close()
 
 
 async def test_an_idle_connection_lives_on_the_broker_heartbeats(
@@ -79,15 +85,12 @@ async def test_an_idle_connection_lives_on_the_broker_heartbeats(
     # Heartbeats every second: with a receiver that did not pass them on, aiormq would call
     # the connection stuck after (1 + 1) * 3 = 6 quiet seconds and reconnect.
     url = urlsplit(services.amqp_url)._replace(query="heartbeat=1").geturl()
-    connection = await connect(url, name="cpt-heartbeat")
-    try:
+    async with connected(url, "cpt-heartbeat") as connection:
         reconnects: list[object] = []
         connection.reconnect_callbacks.add(lambda *_: reconnects.append(1))
         await asyncio.sleep(8)  # idle on purpose: the idle time is what is tested
         assert not connection.is_closed and reconnects == []
         await round_trip(connection, f"{namespace}.frames-idle", count=2)
-    finally:
-        await connection.close()
 
 
 async def test_a_cut_link_is_noticed_and_the_connection_comes_back(
