@@ -26,6 +26,7 @@ READ_SIZE = 256 * 1024
 PROTOCOL_HEADER = b"AMQP"  # what a broker sends instead of a frame when it refuses the protocol
 _FRAME_HEAD = struct.Struct(">BHI")  # type, channel, payload size (AMQP 0-9-1 section 4.2.3)
 _FRAME_OVERHEAD = _FRAME_HEAD.size + 1  # the head before the payload, the end octet after it
+AIORMQ_RECEIVER = aiormq.connection.FrameReceiver  # the one this module was written against
 
 
 def frame_end(buffer: bytes, start: int) -> int | None:
@@ -38,7 +39,7 @@ def frame_end(buffer: bytes, start: int) -> int | None:
     return end if end <= len(buffer) else None
 
 
-class BulkFrameReceiver(aiormq.connection.FrameReceiver):
+class BulkFrameReceiver(AIORMQ_RECEIVER):
     """aiormq's `FrameReceiver` with the same frames and errors, read in bulk."""
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
@@ -83,7 +84,7 @@ def install() -> bool:
     current = getattr(aiormq.connection, "FrameReceiver", None)
     if current is BulkFrameReceiver:
         return True
-    if current is not BulkFrameReceiver.__mro__[1] or not hasattr(current, "get_frame"):
+    if current is not AIORMQ_RECEIVER:  # replaced since, by someone else
         return False
     aiormq.connection.FrameReceiver = BulkFrameReceiver  # type: ignore[misc]
     return True

@@ -13,7 +13,7 @@ from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSy
 from pamqp import body, commands, header, heartbeat
 from pamqp import frame as pamqp_frame
 
-from callpipe import frame_reader
+from callpipe import broker, frame_reader
 from callpipe.frame_reader import BulkFrameReceiver, frame_end
 
 BIG = bytes(range(256)) * 1300  # 332,800 bytes: more than one read
@@ -130,7 +130,7 @@ async def test_a_read_that_fails_is_a_connection_error() -> None:
 
 
 def test_install_replaces_aiormqs_receiver_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aiormq.connection, "FrameReceiver", BulkFrameReceiver.__mro__[1])
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", frame_reader.AIORMQ_RECEIVER)
     assert frame_reader.install() is True
     assert aiormq.connection.FrameReceiver is BulkFrameReceiver
     assert frame_reader.install() is True  # again: nothing more to do
@@ -145,3 +145,20 @@ def test_install_leaves_an_aiormq_of_another_shape_alone(monkeypatch: pytest.Mon
     assert frame_reader.install() is False
     kept: object = aiormq.connection.FrameReceiver
     assert kept is ReceiverOfAnotherVersion
+
+
+def test_connect_says_once_when_frames_are_read_aiormqs_way(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class ReceiverOfAnotherVersion:
+        pass
+
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", ReceiverOfAnotherVersion)
+    broker._read_frames_in_bulk.cache_clear()
+    try:
+        assert broker._read_frames_in_bulk() is False
+        assert broker._read_frames_in_bulk() is False  # asked once per process
+    finally:
+        broker._read_frames_in_bulk.cache_clear()  # the next connect installs it again
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "aiormq" in r.message]
+    assert len(warnings) == 1
