@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -62,6 +64,7 @@ class Load:
         self.issued = 0
         self.in_flight = 0
         self.ready = dict.fromkeys(targets, True)
+        self._holds: list[tuple[int, asyncio.Event]] = []  # (webhooks at most, released)
 
     @property
     def total(self) -> int:
@@ -76,6 +79,11 @@ class Load:
             for i, (call_id, n, kind) in enumerate(self.plan):
                 # Pacing, not waiting for a condition: webhook i leaves at i / rate.
                 await asyncio.sleep(max(0.0, started + i / self.rate - loop.time()))
+                for limit, released in list(self._holds):
+                    if i >= limit:
+                        held_at = loop.time()
+                        await released.wait()
+                        started += loop.time() - held_at  # paced on from here, no burst
                 tasks.append(asyncio.create_task(self._post(session, i, call_id, n, kind)))
                 self.issued += 1
             await asyncio.gather(*tasks)
@@ -93,6 +101,20 @@ class Load:
                 except (aiohttp.ClientError, TimeoutError):
                     self.ready[target] = False
             await asyncio.sleep(HEALTH_CHECK_S)  # the balancer's check interval
+
+    @contextlib.asynccontextmanager
+    async def held_at(self, fraction: float) -> AsyncIterator[None]:
+        """Send no more than this share of the load until the block is left (also on error).
+
+        A fault's onset goes through service CLIs that a busy machine makes slow (seconds
+        each): held here, the rest of the load still goes out under the fault."""
+        hold = (math.ceil(fraction * self.total), asyncio.Event())
+        self._holds.append(hold)
+        try:
+            yield
+        finally:
+            hold[1].set()
+            self._holds.remove(hold)
 
     async def reached(self, fraction: float) -> None:
         """Wait until this share of the load has been sent."""

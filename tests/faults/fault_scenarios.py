@@ -30,6 +30,10 @@ from service_control import (
 
 Fault = Callable[[Rig, Load], Coroutine[Any, Any, None]]
 
+# A broker fault is in effect by this share of the load (the load waits for it if need be),
+# so that the rest goes out under the fault.
+ONSET_BY = 0.6
+
 
 # ---- the faults -------------------------------------------------------------------------------
 
@@ -54,7 +58,8 @@ async def mend(rig: Rig) -> None:
 async def rabbit_stop_app(rig: Rig, load: Load) -> None:
     await load.reached(0.2)
     try:
-        await ctl("stop_app")
+        async with load.held_at(ONSET_BY):
+            await ctl("stop_app")
         await some_spooled(load)
         await load.reached(0.7)
     finally:
@@ -73,12 +78,13 @@ async def _under_alarm(
 ) -> None:
     """Raise a resource alarm, run `during`, then put the limit back (even on failure)."""
     try:
-        await asyncio.to_thread(raise_alarm)
+        async with load.held_at(ONSET_BY):
+            await asyncio.to_thread(raise_alarm)
 
-        async def alarmed() -> bool:
-            return bool(await asyncio.to_thread(broker_alarms))
+            async def alarmed() -> bool:
+                return bool(await asyncio.to_thread(broker_alarms))
 
-        await wait_for(alarmed, seconds=30, what="the broker's alarm")
+            await wait_for(alarmed, seconds=30, what="the broker's alarm")
         await some_spooled(load)
         await during()
     finally:
@@ -278,7 +284,9 @@ SCENARIOS = [
     Scenario(
         "ingress SIGKILL with a full spool",
         ingress_sigkill_with_spool,
-        duplicates=NONE,
+        # The memory alarm blocks the workers' event publishes too when they still work off
+        # a backlog at its onset (a busy machine): those the relay retries may come twice.
+        duplicates=RETRIED,
         ingresses=2,
         no_answer=True,
     ),
