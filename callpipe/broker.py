@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -17,6 +18,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     HeadersType,
 )
+from yarl import URL
 
 from callpipe import frame_reader
 from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds, QueueBound, kept_queue_arguments
@@ -130,12 +132,27 @@ async def connect(
     _read_frames_in_bulk()
     return await retry_until_done(
         f"connecting to the broker as {name}",
-        lambda: aio_pika.connect_robust(
-            url, client_properties={"connection_name": name}, reconnect_interval=RECONNECT_S
-        ),
+        lambda: connect_once(url, name=name),
         retry_on=(TimeoutError, OSError, aiormq.exceptions.AMQPError),
         stop=stop,
     )
+
+
+async def connect_once(url: str, *, name: str) -> AbstractRobustConnection:
+    """One attempt, as `aio_pika.connect_robust` makes it, but a failed one closes the
+    connection object it made. aio-pika's `connect_robust` drops it unclosed, and its
+    finalizer then creates a `close()` coroutine that, collected away from the event loop
+    (in another thread, or after the loop), is never awaited: a warning at a random place."""
+    connection = aio_pika.RobustConnection(
+        URL(url), client_properties={"connection_name": name}, reconnect_interval=RECONNECT_S
+    )
+    try:
+        await connection.connect()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await connection.close()
+        raise
+    return connection
 
 
 @functools.cache
