@@ -25,6 +25,7 @@ from callpipe.masking import mask_text, masked, masked_phones, phones_in
 from callpipe.queue_scan import Target
 from schemas.roistat import InvalidWebhookError, call_id_of, detect_kind, read_webhook
 from schemas.topology import (
+    HEADER_ATTEMPT,
     HEADER_ERROR,
     HEADER_KIND,
     HEADER_PROJECT,
@@ -32,6 +33,7 @@ from schemas.topology import (
     HEADER_REJECT_REASON,
     HEADER_REMOTE_ADDR,
     HEADER_ROUTING_KEY,
+    HEADER_SINK,
     KINDS,
     ROUTING_KEY_BY_KIND,
     ROUTING_KEY_REJECTED,
@@ -39,7 +41,6 @@ from schemas.topology import (
     Topology,
     event_id,
 )
-from sinks.consumer import HEADER_ATTEMPT, HEADER_SINK
 
 # Sent back to `{ns}.webhooks`: the call queues feed the workers, `roistat.rejected` goes
 # back to `{ns}.rejected` (a rejected body the broker dead-lettered), where

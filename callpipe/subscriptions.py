@@ -18,8 +18,7 @@ from callpipe.confirmed_publisher import ConfirmedPublisher, PublishFailedError
 from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds
 from callpipe.retry import retry_until_done
 from schemas import codec
-from schemas.topology import HEADER_ROUTING_KEY, Topology, topic_matches
-from workers.events import routing_key_of
+from schemas.topology import HEADER_ROUTING_KEY, Topology, routing_key_of, topic_matches
 
 # Publishes awaiting their confirms at once: enough to keep the link busy, few enough that a
 # failure leaves little to sort out (the rest is simply replayed again; receivers dedupe).

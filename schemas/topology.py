@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Kind = Literal["start", "end"]
 KINDS: tuple[Kind, ...] = ("start", "end")
@@ -21,6 +22,9 @@ HEADER_RECEIVED_AT = "x-callpipe-received-at"
 HEADER_REMOTE_ADDR = "x-callpipe-remote-addr"
 HEADER_REJECT_REASON = "x-callpipe-reject-reason"
 HEADER_ERROR = "x-callpipe-error"
+# Set by a sink on what it delays (the attempt it is at) or dead-letters (its own name).
+HEADER_ATTEMPT = "x-callpipe-attempt"
+HEADER_SINK = "x-callpipe-sink"
 
 # RabbitMQ 3.x quorum queues have no delivery limit unless one is set; 4.x defaults to 20.
 DELIVERY_LIMIT = 20
@@ -108,6 +112,12 @@ def event_routing_key(event_type: str, outcome: str | None) -> str:
     if event_type in ("call.started", "call.stale"):
         return event_type
     return f"call.ended.{outcome or 'unknown'}"
+
+
+def routing_key_of(event: Mapping[str, Any]) -> str:
+    """The routing key of a stored envelope: `call.started` or `call.ended.<outcome>`."""
+    call = event.get("call") or {}
+    return event_routing_key(str(event.get("type")), call.get("outcome"))
 
 
 def event_id(project: str, call_id: str, kind: Kind) -> str:

@@ -13,7 +13,13 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from callpipe.broker import plain_headers
 from callpipe.confirmed_publisher import ConfirmedPublisher, PublishFailedError
 from schemas import codec
-from schemas.topology import HEADER_ERROR, HEADER_ROUTING_KEY, Topology
+from schemas.topology import (
+    HEADER_ATTEMPT,
+    HEADER_ERROR,
+    HEADER_ROUTING_KEY,
+    HEADER_SINK,
+    Topology,
+)
 from sinks.config import SinkConfig
 from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater, Sink
 from sinks.retry import Ack, DeadLetter, Delay, SinkAction, next_action
@@ -21,8 +27,6 @@ from sinks.topology import delay_queue
 
 log = logging.getLogger(__name__)
 
-HEADER_ATTEMPT = "x-callpipe-attempt"
-HEADER_SINK = "x-callpipe-sink"
 CANCEL_TIMEOUT_S = 3.0
 MAX_PAUSE_S = 60.0  # the longest a destination's "slow down" holds the whole sink
 SETTLE_RETRY_S = 1.0

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 from schemas import codec
 from schemas.events import EVENT_TYPE_BY_KIND, SCHEMA_VERSION, CallEvent, CallFields
-from schemas.topology import event_routing_key
+from schemas.topology import event_routing_key, routing_key_of
 from workers.delivery import ReceivedWebhook
 
 
@@ -31,12 +31,6 @@ def build_event(webhook: ReceivedWebhook, call: CallFields) -> CallEvent:
         call=call,
         raw=webhook.document,
     )
-
-
-def routing_key_of(event: dict[str, Any]) -> str:
-    """The routing key of a stored envelope: `call.started` or `call.ended.<outcome>`."""
-    call = event.get("call") or {}
-    return event_routing_key(str(event.get("type")), call.get("outcome"))
 
 
 def stored_to_outbox(event_id: str, envelope: dict[str, Any]) -> OutboxEvent:

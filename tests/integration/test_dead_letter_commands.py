@@ -28,8 +28,7 @@ from callpipe.letters import Letter
 from callpipe.queue_scan import QueueScan
 from callpipe.settings import Settings
 from schemas import codec
-from schemas.topology import Topology
-from sinks.consumer import HEADER_ATTEMPT, HEADER_SINK
+from schemas.topology import HEADER_ATTEMPT, HEADER_SINK, Topology
 
 RAW_PHONES = ("79990009911", "74950001122", "79990001234", "79991112233")
 SINK = "crm"

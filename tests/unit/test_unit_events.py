@@ -13,10 +13,10 @@ import pytest
 from callpipe.sample import call_end, sample_call
 from schemas import codec
 from schemas.events import CallEvent, CallFields
-from schemas.topology import HEADER_KIND, HEADER_PROJECT, HEADER_RECEIVED_AT, Kind
+from schemas.topology import HEADER_KIND, HEADER_PROJECT, HEADER_RECEIVED_AT, Kind, routing_key_of
 from workers.delivery import ReceivedWebhook, decode_delivery
 from workers.enrich import enrich
-from workers.events import build_event, render_outbox, routing_key_of
+from workers.events import build_event, render_outbox
 
 DOCUMENT: dict[str, Any] = {
     "id": "2891473",

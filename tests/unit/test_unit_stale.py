@@ -14,9 +14,8 @@ from pydantic import ValidationError
 
 from callpipe.settings import Settings, env_variable
 from schemas.events import CallFields
-from schemas.topology import event_routing_key, stale_event_id
+from schemas.topology import event_routing_key, routing_key_of, stale_event_id
 from workers.errors import TransientError
-from workers.events import routing_key_of
 from workers.migrate import MIGRATIONS_DIR
 from workers.stale import StaleSweeper, build_stale_event
 from workers.stale_store import LOCK_DUE, StaleRenderer
