@@ -34,9 +34,9 @@ import aiohttp
 import asyncpg
 from aio_pika.abc import AbstractConnection
 
-from callpipe.broker import declare_topology, delete_topology
-from callpipe.runner import run
 from callpipe.sample import call_end, sample_call
+from infra.broker import declare_topology, delete_topology
+from infra.runner import run
 from schemas import codec
 from schemas.topology import Topology
 from workers.migrate import drop_schema

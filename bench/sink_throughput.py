@@ -65,9 +65,9 @@ from benchlib import (
 )
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from callpipe.broker import declare_topology
-from callpipe.runner import run
-from callpipe.settings import Settings
+from infra.broker import declare_topology
+from infra.runner import run
+from infra.settings import Settings
 from schemas.events import CallEvent
 from schemas.roistat import CallEndPayload
 from schemas.topology import Topology, event_routing_key
@@ -79,7 +79,7 @@ from workers.enrich import enrich
 SINK_NAME = "bench"
 PROJECT = "bench"
 SECRET_ENV = "BENCH_WEBHOOK_SECRET"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as callpipe.logs
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # as infra.logs
 PUBLISH_WINDOW = 512
 VARIANTS = ("callpipe", "aio-pika peer", "client ceiling")
 

@@ -62,8 +62,8 @@ from faststream import FastStream
 from faststream.rabbit import Channel, RabbitBroker, RabbitQueue
 from faststream.rabbit.annotations import RabbitMessage
 
-from callpipe.runner import run
-from callpipe.settings import Settings
+from infra.runner import run
+from infra.settings import Settings
 from schemas.topology import (
     HEADER_KIND,
     HEADER_PROJECT,

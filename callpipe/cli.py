@@ -1,7 +1,7 @@
 """The `callpipe` command: a thin dispatcher to the ingress, the workers and set-up.
 
 Each process imports the components it runs, in `dispatch`, before the runner freezes what
-start-up loaded (`callpipe.runner.run`): an ingress does not load the workers' phone data
+start-up loaded (`infra.runner.run`): an ingress does not load the workers' phone data
 (~120 MB), nor a worker the ingress app.
 """
 
@@ -15,18 +15,13 @@ from functools import partial
 import aiohttp
 from pydantic import ValidationError
 
-from callpipe.broker import connect, declare_topology
 from callpipe.dead_commands import (
     add_dead_commands,
     check_dead_args,
     kept_queue_lines,
     run_dead_command,
 )
-from callpipe.kept_queues import bounds_of
-from callpipe.logs import setup_logging
-from callpipe.runner import Component, run, run_until_signalled
 from callpipe.sample import send_sample
-from callpipe.settings import Settings, configuration_errors
 from callpipe.sink_commands import (
     SinkCommandError,
     add_sinks_command,
@@ -42,6 +37,11 @@ from callpipe.subscription_commands import (
     replay_stored_events,
     subscribe_queue,
 )
+from infra.broker import connect, declare_topology
+from infra.kept_queues import bounds_of
+from infra.logs import setup_logging
+from infra.runner import Component, run, run_until_signalled
+from infra.settings import Settings, configuration_errors
 from workers.migrate import migrate_when_up
 
 

@@ -9,7 +9,6 @@ from typing import cast
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from callpipe.broker import connect, probe_declare
 from callpipe.dead_letters import describe
 from callpipe.dead_operations import (
     KeptQueue,
@@ -19,11 +18,12 @@ from callpipe.dead_operations import (
     purge_letters,
     requeue_letters,
 )
-from callpipe.kept_queues import bounds_of, kept_queue_arguments, policy_command, vhost_of
 from callpipe.letters import ID_LENGTH, now_utc, parse_duration
 from callpipe.queue_scan import QueueNotFoundError
 from callpipe.replay import replay_dead
-from callpipe.settings import Settings
+from infra.broker import connect, probe_declare
+from infra.kept_queues import bounds_of, kept_queue_arguments, policy_command, vhost_of
+from infra.settings import Settings
 
 SHOWN_KEPT = 100  # lines about messages left in place, before "... and N more"
 COLUMNS = ("ID", "AGE", "{source}", "CALL", "PHONES", "REASON")

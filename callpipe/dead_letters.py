@@ -21,8 +21,8 @@ from callpipe.letters import (
     format_age,
     without,
 )
-from callpipe.masking import mask_text, masked, masked_phones, phones_in
 from callpipe.queue_scan import Target
+from infra.masking import mask_text, masked, masked_phones, phones_in
 from schemas.roistat import InvalidWebhookError, call_id_of, detect_kind, read_webhook
 from schemas.topology import (
     HEADER_ATTEMPT,

@@ -33,8 +33,8 @@ from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
-from callpipe.confirmed_publisher import ConfirmedPublisher, PublishFailedError
 from callpipe.letters import Letter, without
+from infra.confirmed_publisher import ConfirmedPublisher, PublishFailedError
 from schemas.topology import HEADER_ROUTING_KEY
 
 log = logging.getLogger(__name__)

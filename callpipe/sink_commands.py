@@ -10,8 +10,8 @@ from functools import partial
 
 from aio_pika.abc import AbstractChannel
 
-from callpipe.runner import Component
-from callpipe.settings import Settings
+from infra.runner import Component
+from infra.settings import Settings
 from sinks.config import SinkConfig, SinksFileError
 from sinks.port import Done, GiveUp
 from sinks.registry import load_sinks

@@ -7,9 +7,6 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from callpipe.broker import connect
-from callpipe.kept_queues import bounds_of
-from callpipe.settings import Settings
 from callpipe.subscriptions import (
     SINK_PREFIX,
     EventFilter,
@@ -18,6 +15,9 @@ from callpipe.subscriptions import (
     replay_events,
     subscribe,
 )
+from infra.broker import connect
+from infra.kept_queues import bounds_of
+from infra.settings import Settings
 from schemas.topology import validate_binding_key, validate_endpoint_name
 
 

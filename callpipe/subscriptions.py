@@ -13,10 +13,10 @@ import aiormq
 import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 
-from callpipe.broker import declare_topology, work_queue_arguments
-from callpipe.confirmed_publisher import ConfirmedPublisher, PublishFailedError
-from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds
-from callpipe.retry import retry_until_done
+from infra.broker import declare_topology, work_queue_arguments
+from infra.confirmed_publisher import ConfirmedPublisher, PublishFailedError
+from infra.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds
+from infra.retry import retry_until_done
 from schemas import codec
 from schemas.topology import HEADER_ROUTING_KEY, Topology, routing_key_of, topic_matches
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from callpipe.kept_queues import bounds_of
-from callpipe.settings import Settings
+from infra.kept_queues import bounds_of
+from infra.settings import Settings
 from ingress.auth import TokenMap
 from ingress.broker_link import BrokerLink
 from ingress.handlers import WebhookHandler, json_error

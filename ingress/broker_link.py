@@ -10,10 +10,10 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
-from callpipe.broker import connect, declare_topology
-from callpipe.confirmed_publisher import ConfirmedPublisher, PublishFailedError
-from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds
-from callpipe.retry import MAX_DELAY_S
+from infra.broker import connect, declare_topology
+from infra.confirmed_publisher import ConfirmedPublisher, PublishFailedError
+from infra.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds
+from infra.retry import MAX_DELAY_S
 from schemas.topology import Topology
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 
-from callpipe.confirmed_publisher import PublishFailedError
+from infra.confirmed_publisher import PublishFailedError
 from ingress.broker_link import BrokerLink
 from ingress.spool import Spool, SpooledMessage
 

@@ -7,8 +7,8 @@ import logging
 
 from aiohttp import web
 
-from callpipe.runner import BACKLOG, StartupError, listen
-from callpipe.settings import Settings
+from infra.runner import BACKLOG, StartupError, listen
+from infra.settings import Settings
 from ingress.app import DRAINING, init_app
 from ingress.spool import SpoolLockedError
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from callpipe.broker import plain_headers
-from callpipe.confirmed_publisher import ConfirmedPublisher, PublishFailedError
+from infra.broker import plain_headers
+from infra.confirmed_publisher import ConfirmedPublisher, PublishFailedError
 from schemas import codec
 from schemas.topology import (
     HEADER_ATTEMPT,

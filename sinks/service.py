@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from callpipe.broker import connect, declare_topology, work_queue_arguments
-from callpipe.confirmed_publisher import ConfirmedPublisher
-from callpipe.kept_queues import bounds_of
-from callpipe.retry import StoppedError, close_quietly
-from callpipe.settings import Settings
+from infra.broker import connect, declare_topology, work_queue_arguments
+from infra.confirmed_publisher import ConfirmedPublisher
+from infra.kept_queues import bounds_of
+from infra.retry import StoppedError, close_quietly
+from infra.settings import Settings
 from schemas import codec
 from schemas.events import CallEvent, CallFields
 from sinks.config import SinkConfig

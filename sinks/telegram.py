@@ -14,7 +14,7 @@ import aiohttp
 import asyncpg
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 
-from callpipe.masking import mask_phone
+from infra.masking import mask_phone
 from schemas import codec
 from sinks.alerts import AlertKey, AlertStore, Claim
 from sinks.config import SinkConfig

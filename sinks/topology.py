@@ -10,7 +10,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
-from callpipe.broker import work_queue_arguments
+from infra.broker import work_queue_arguments
 from schemas.topology import Topology
 from sinks.config import SinkConfig
 from sinks.retry import delay_label

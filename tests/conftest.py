@@ -28,8 +28,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.test_utils import TestClient, TestServer
 from callpipe_testing import wait_for
 
-from callpipe.broker import declare_topology, delete_topology
-from callpipe.settings import Settings
+from infra.broker import declare_topology, delete_topology
+from infra.settings import Settings
 from ingress.app import BROKER, init_app
 from schemas import codec
 from schemas.topology import Kind, Topology

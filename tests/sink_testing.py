@@ -13,7 +13,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 
-from callpipe.settings import Settings
+from infra.settings import Settings
 from schemas import codec
 from sinks.config import SinkConfig
 from sinks.service import run_sinks

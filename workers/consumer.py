@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import aiormq
 
-from callpipe.broker import plain_headers
-from callpipe.direct_consumer import Delivery, DirectConsumer
+from infra.broker import plain_headers
+from infra.direct_consumer import Delivery, DirectConsumer
 from schemas.topology import Kind
 from workers.acks import AckWindow, Release
 from workers.batch import halves

@@ -16,8 +16,8 @@ import asyncpg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from callpipe.runner import BACKLOG, StartupError, listen
-from callpipe.settings import Settings
+from infra.runner import BACKLOG, StartupError, listen
+from infra.settings import Settings
 from schemas.topology import Kind
 from workers.metrics import WorkerMetrics
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import asyncpg
 
-from callpipe.retry import retry_until_done
-from callpipe.settings import Settings
+from infra.retry import retry_until_done
+from infra.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from zoneinfo import ZoneInfo
 
-from callpipe.masking import mask_phone
+from infra.masking import mask_phone
 from workers.delivery import ReceivedWebhook
 from workers.enrich import enrich
 from workers.events import render_outbox

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from callpipe.confirmed_publisher import ConfirmedPublisher, Publication, PublishFailedError
-from callpipe.direct_consumer import Delivery
+from infra.confirmed_publisher import ConfirmedPublisher, Publication, PublishFailedError
+from infra.direct_consumer import Delivery
 from schemas.topology import HEADER_ERROR, Topology
 from workers.errors import TransientError
 from workers.events import OutboxEvent, stored_to_outbox

@@ -6,12 +6,12 @@ import asyncio
 import logging
 from contextlib import AsyncExitStack
 
-from callpipe.broker import connect, declare_topology
-from callpipe.confirmed_publisher import ConfirmedPublisher
-from callpipe.direct_consumer import DirectConsumer
-from callpipe.kept_queues import bounds_of
-from callpipe.retry import CLOSE_TIMEOUT_S, StoppedError, close_quietly
-from callpipe.settings import Settings
+from infra.broker import connect, declare_topology
+from infra.confirmed_publisher import ConfirmedPublisher
+from infra.direct_consumer import DirectConsumer
+from infra.kept_queues import bounds_of
+from infra.retry import CLOSE_TIMEOUT_S, StoppedError, close_quietly
+from infra.settings import Settings
 from schemas.topology import Kind
 from workers.consumer import PARALLEL_BATCHES, CallConsumer
 from workers.errors import RetryPolicy

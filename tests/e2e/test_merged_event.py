@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 from callpipe_testing import wait_for
 from conftest import Collector, Workers
 
-from callpipe.settings import Settings
+from infra.settings import Settings
 from schemas import codec
 from schemas.events import CallFields
 

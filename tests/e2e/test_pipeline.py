@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 from callpipe_testing import wait_for
 from conftest import Collector, Workers
 
-from callpipe.settings import Settings
+from infra.settings import Settings
 from schemas import codec
 
 Client = TestClient[Any, Any]
@@ -163,7 +163,7 @@ async def test_the_same_webhook_three_times_is_one_row_and_one_event(
 
 
 async def _queues_empty(settings: Settings) -> bool:
-    from callpipe.broker import connect
+    from infra.broker import connect
 
     connection = await connect(settings.amqp_url, name="test-inspect")
     async with connection, connection.channel() as channel:

@@ -25,7 +25,7 @@ from fault_load import PROJECT, TOKEN
 from fault_processes import Ingress, SupervisedWorker
 from service_control import rabbitmqctl
 
-from callpipe.broker import declare_topology, delete_topology
+from infra.broker import declare_topology, delete_topology
 from schemas import codec
 from schemas.topology import KINDS, Topology
 from workers.migrate import drop_schema, migrate

@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from callpipe_testing import TcpProxy, wait_for
 from conftest import Services, make_settings
 
-from callpipe.broker import delete_topology
-from callpipe.settings import Settings
+from infra.broker import delete_topology
+from infra.settings import Settings
 from ingress.app import BROKER, init_app
 from schemas import codec
 from schemas.topology import Topology

@@ -20,9 +20,9 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from callpipe_testing import TcpProxy, refuse_call, wait_for
 from conftest import Collector, Services, Workers, make_settings
 
-from callpipe.broker import plain_headers
 from callpipe.replay import replay_dead
-from callpipe.settings import Settings
+from infra.broker import plain_headers
+from infra.settings import Settings
 from schemas import codec
 from schemas.topology import DELIVERY_LIMIT, Topology
 from workers.delivery import decode_delivery

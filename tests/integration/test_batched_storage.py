@@ -12,7 +12,7 @@ import orjson
 import pytest
 from callpipe_testing import refuse_call
 
-from callpipe.settings import Settings
+from infra.settings import Settings
 from schemas import codec
 from schemas.events import CallFields
 from schemas.topology import HEADER_KIND, HEADER_PROJECT, HEADER_RECEIVED_AT

@@ -1,4 +1,4 @@
-"""`callpipe.broker.connect_once`: a connection attempt that fails leaves nothing behind."""
+"""`infra.broker.connect_once`: a connection attempt that fails leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import aiormq
 import pytest
 from conftest import Services, free_port
 
-from callpipe.broker import connect_once
+from infra.broker import connect_once
 
 
 def unclosed_connections_to(port: int) -> list[aio_pika.RobustConnection]:

@@ -12,7 +12,7 @@ import pytest
 from cli_process import cli_environment, run_cli
 from conftest import Services, free_port
 
-from callpipe.settings import Settings
+from infra.settings import Settings
 
 
 def fresh_namespace() -> str:

@@ -18,9 +18,9 @@ from aio_pika.abc import AbstractRobustConnection
 from callpipe_testing import TcpProxy, wait_for
 from conftest import Services
 
-from callpipe.broker import connect
-from callpipe.confirmed_publisher import ConfirmedPublisher, Publication, PublishFailedError
-from callpipe.publish_rounds import can_write_frames
+from infra.broker import connect
+from infra.confirmed_publisher import ConfirmedPublisher, Publication, PublishFailedError
+from infra.publish_rounds import can_write_frames
 
 
 @contextlib.contextmanager
@@ -361,7 +361,7 @@ async def test_publish_many_through_aiormq_publishes_each(
 ) -> None:
     """Where aiormq lacks what writing frames needs, each message goes through its
     basic_publish: the batch's own ids must not make those publishes wait for the batch."""
-    monkeypatch.setattr("callpipe.confirmed_publisher.can_write_frames", lambda channel: False)
+    monkeypatch.setattr("infra.confirmed_publisher.can_write_frames", lambda channel: False)
     name = f"cpt_each_{uuid.uuid4().hex[:8]}"
     async with amqp.channel() as channel:
         queue = await channel.declare_queue(name, auto_delete=False)

@@ -17,7 +17,6 @@ from aiohttp.test_utils import TestClient
 from callpipe_testing import wait_for
 from conftest import Workers
 
-from callpipe.broker import plain_headers, work_queue_arguments
 from callpipe.dead_operations import (
     KeptQueue,
     list_letters,
@@ -26,7 +25,8 @@ from callpipe.dead_operations import (
 )
 from callpipe.letters import Letter
 from callpipe.queue_scan import QueueScan
-from callpipe.settings import Settings
+from infra.broker import plain_headers, work_queue_arguments
+from infra.settings import Settings
 from schemas import codec
 from schemas.topology import HEADER_ATTEMPT, HEADER_SINK, Topology
 

@@ -10,8 +10,8 @@ import pytest
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from callpipe_testing import wait_for
 
-from callpipe.broker import declare_topology
-from callpipe.direct_consumer import Delivery, DirectConsumer
+from infra.broker import declare_topology
+from infra.direct_consumer import Delivery, DirectConsumer
 from schemas.topology import Topology
 
 

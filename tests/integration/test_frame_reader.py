@@ -14,8 +14,8 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from callpipe_testing import TcpProxy, wait_for
 from conftest import Services
 
-from callpipe.broker import connect
-from callpipe.frame_reader import BulkFrameReceiver
+from infra.broker import connect
+from infra.frame_reader import BulkFrameReceiver
 
 # The broker's frame_max is 128 KiB by default: the largest bodies span several frames.
 SIZES = [0, 1, 4095, 131_072, 300_001]
@@ -23,7 +23,7 @@ SIZES = [0, 1, 4095, 131_072, 300_001]
 
 @contextlib.asynccontextmanager
 async def connected(url: str, name: str) -> AsyncIterator[AbstractRobustConnection]:
-    """A connection as callpipe opens them (`callpipe.broker.connect`), closed after."""
+    """A connection as callpipe opens them (`infra.broker.connect`), closed after."""
     connection = await connect(url, name=name)
     try:
         yield connection

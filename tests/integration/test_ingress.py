@@ -15,8 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from callpipe_testing import wait_for
 
-from callpipe.broker import plain_headers
-from callpipe.settings import Settings
+from infra.broker import plain_headers
+from infra.settings import Settings
 from ingress.app import init_app
 from schemas import codec
 from schemas.topology import Topology

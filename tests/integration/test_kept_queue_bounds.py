@@ -20,11 +20,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from callpipe_testing import wait_for
 from conftest import Services, Workers, make_settings
 
-from callpipe.broker import declare_topology, delete_topology, work_queue_arguments
 from callpipe.dead_operations import KeptQueue, list_letters, purge_letters
-from callpipe.kept_queues import KeptQueueBounds
 from callpipe.queue_scan import REFRESH_AT
-from callpipe.settings import Settings
+from infra.broker import declare_topology, delete_topology, work_queue_arguments
+from infra.kept_queues import KeptQueueBounds
+from infra.settings import Settings
 from ingress.app import BROKER, init_app
 from schemas import codec
 from schemas.topology import Topology

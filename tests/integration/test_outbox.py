@@ -14,9 +14,9 @@ from callpipe_testing import wait_for
 from conftest import Collector
 from test_batched_storage import items, received
 
-from callpipe.broker import connect, declare_topology
-from callpipe.confirmed_publisher import ConfirmedPublisher
-from callpipe.settings import Settings
+from infra.broker import connect, declare_topology
+from infra.confirmed_publisher import ConfirmedPublisher
+from infra.settings import Settings
 from workers.events import OutboxEvent, render_outbox
 from workers.outbox import OutboxRelay, RelaySettings
 from workers.publishing import AmqpEventPublisher

@@ -15,8 +15,8 @@ from aio_pika.abc import AbstractRobustConnection
 from cli_process import run_cli
 from conftest import TOKENS, Services
 
-from callpipe.broker import delete_topology
-from callpipe.settings import Settings
+from infra.broker import delete_topology
+from infra.settings import Settings
 from ingress.spool import Spool
 from schemas.topology import Topology
 from workers.migrate import drop_schema

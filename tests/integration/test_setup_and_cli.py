@@ -14,9 +14,9 @@ from aiohttp.test_utils import TestClient
 from callpipe_testing import wait_for
 from conftest import Services, Workers
 
-from callpipe.broker import delete_topology
 from callpipe.sample import send_sample
-from callpipe.settings import Settings
+from infra.broker import delete_topology
+from infra.settings import Settings
 from schemas.topology import Topology
 from workers.migrate import drop_schema, migrate, migration_files
 

@@ -20,7 +20,7 @@ from sink_testing import FakeServer, envelope, new_secret, publish_events
 from standardwebhooks.webhooks import Webhook
 from test_setup_and_cli import run_cli
 
-from callpipe.settings import Settings
+from infra.settings import Settings
 from schemas import codec
 from sinks.registry import load_sinks
 from sinks.topology import delay_queue, delete_sink

@@ -17,8 +17,8 @@ from callpipe_testing import wait_for
 from conftest import Workers
 from sink_testing import FakeServer, RunningSinks, envelope, publish_events
 
-from callpipe.broker import plain_headers
-from callpipe.settings import Settings
+from infra.broker import plain_headers
+from infra.settings import Settings
 from schemas import codec
 from sinks.telegram import TelegramSinkConfig
 

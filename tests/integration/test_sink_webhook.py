@@ -18,8 +18,8 @@ from conftest import Services
 from sink_testing import FakeServer, RunningSinks, envelope, new_secret, publish_events
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from callpipe.broker import plain_headers
-from callpipe.settings import Settings
+from infra.broker import plain_headers
+from infra.settings import Settings
 from schemas import codec
 from sinks.port import Done, GiveUp
 from sinks.service import try_sink

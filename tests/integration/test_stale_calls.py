@@ -15,9 +15,9 @@ from aiohttp.test_utils import TestClient
 from callpipe_testing import wait_for
 from conftest import Collector, Services, Workers, make_settings
 
-from callpipe.broker import connect
-from callpipe.confirmed_publisher import ConfirmedPublisher
-from callpipe.settings import Settings
+from infra.broker import connect
+from infra.confirmed_publisher import ConfirmedPublisher
+from infra.settings import Settings
 from schemas import codec
 from workers.publishing import AmqpEventPublisher
 from workers.stale import build_stale_event

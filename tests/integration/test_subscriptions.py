@@ -20,8 +20,8 @@ from conftest import Collector, Workers
 from topic_table import TOPIC_TABLE
 
 from callpipe import subscriptions
-from callpipe.broker import work_queue_arguments
-from callpipe.settings import Settings
+from infra.broker import work_queue_arguments
+from infra.settings import Settings
 from schemas import codec
 from schemas.topology import HEADER_ROUTING_KEY, topic_matches
 

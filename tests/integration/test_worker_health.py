@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractRobustConnection
 from callpipe_testing import TcpProxy, wait_for
 from conftest import Services, free_port, make_settings
 
-from callpipe.settings import Settings
+from infra.settings import Settings
 from schemas import codec
 from workers.health import WorkerMonitor, serve_worker_endpoints
 from workers.service import run_worker

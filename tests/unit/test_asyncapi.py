@@ -16,7 +16,7 @@ from typing import Any, get_args
 
 import pytest
 
-from callpipe.settings import Settings
+from infra.settings import Settings
 from schemas.events import CallEvent, EventType, Outcome
 from schemas.jsonschema import JSON_DIR
 from schemas.topology import Topology, event_routing_key

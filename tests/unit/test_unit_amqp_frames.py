@@ -9,7 +9,7 @@ from pamqp import body as pamqp_body
 from pamqp import commands, header
 from pamqp import frame as pamqp_frame
 
-from callpipe import amqp_frames
+from infra import amqp_frames
 
 
 def read_frames(data: bytes) -> list[tuple[int, Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from callpipe.settings import parse_tokens
+from infra.settings import parse_tokens
 from ingress.auth import TokenMap
 
 TOKENS = TokenMap({"abc123": "shop", "def456": "blog", "токен": "магазин"})

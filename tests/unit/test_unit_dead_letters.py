@@ -16,15 +16,15 @@ from callpipe.dead_letters import (
     rejected_target,
     row,
 )
-from callpipe.kept_queues import (
+from callpipe.letters import Letter, age_seconds, format_age, letter_id, parse_duration
+from callpipe.queue_scan import Target
+from infra.kept_queues import (
     KeptQueueBounds,
     kept_queue_arguments,
     policy_command,
     vhost_of,
 )
-from callpipe.letters import Letter, age_seconds, format_age, letter_id, parse_duration
-from callpipe.masking import mask_text, masked, masked_phones
-from callpipe.queue_scan import Target
+from infra.masking import mask_text, masked, masked_phones
 from schemas import codec
 from schemas.topology import Topology
 

@@ -13,8 +13,8 @@ from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSy
 from pamqp import body, commands, header, heartbeat
 from pamqp import frame as pamqp_frame
 
-from callpipe import broker, frame_reader
-from callpipe.frame_reader import BulkFrameReceiver, frame_end
+from infra import broker, frame_reader
+from infra.frame_reader import BulkFrameReceiver, frame_end
 
 BIG = bytes(range(256)) * 1300  # 332,800 bytes: more than one read
 

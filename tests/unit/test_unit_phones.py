@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phonenumbers import carrier, geocoder
 
-from callpipe.masking import mask_phone
+from infra.masking import mask_phone
 from workers.phones import GEO_LANGUAGE, Phone, normalize_phone
 
 

@@ -1,10 +1,10 @@
-"""`callpipe.runner.run` runs services with the cycle collector tuned (GC_THRESHOLD)."""
+"""`infra.runner.run` runs services with the cycle collector tuned (GC_THRESHOLD)."""
 
 from __future__ import annotations
 
 import gc
 
-from callpipe.runner import GC_THRESHOLD, run
+from infra.runner import GC_THRESHOLD, run
 
 
 def test_run_freezes_what_start_up_loaded_and_raises_the_collection_threshold() -> None:

@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from pydantic import ValidationError
 
-from callpipe.settings import Settings, parse_tokens
+from infra.settings import Settings, parse_tokens
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import os
 import pytest
 from pydantic import ValidationError
 
-from callpipe.settings import Settings, configuration_errors, env_variable
+from infra.settings import Settings, configuration_errors, env_variable
 
 
 @pytest.fixture(autouse=True)

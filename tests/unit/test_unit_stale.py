@@ -12,7 +12,7 @@ import pytest
 from callpipe_testing import wait_for
 from pydantic import ValidationError
 
-from callpipe.settings import Settings, env_variable
+from infra.settings import Settings, env_variable
 from schemas.events import CallFields
 from schemas.topology import event_routing_key, routing_key_of, stale_event_id
 from workers.errors import TransientError

@@ -1,4 +1,4 @@
-"""Logging set-up. Phone numbers are masked where they are logged (`workers.phones.mask_phone`)."""
+"""Logging set-up. Phone numbers are masked where they are logged (`infra.masking`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Publishes written below aiormq's `basic_publish`: a round of messages gets consecutive
 delivery tags in aiormq's channel, as `basic_publish` would give them, and goes to the
 connection's writer as one piece, so that aiormq's reader still settles each confirm and
-return. The frames come from `callpipe.amqp_frames`; `ConfirmedPublisher` forms the rounds.
+return. The frames come from `infra.amqp_frames`; `ConfirmedPublisher` forms the rounds.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """RabbitMQ adapter: robust connections and the topology (confirmed publishing:
-`callpipe.confirmed_publisher`)."""
+`infra.confirmed_publisher`)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from callpipe import frame_reader
-from callpipe.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds, QueueBound, kept_queue_arguments
-from callpipe.retry import retry_until_done
+from infra import frame_reader
+from infra.kept_queues import DEFAULT_BOUNDS, KeptQueueBounds, QueueBound, kept_queue_arguments
+from infra.retry import retry_until_done
 from schemas.topology import DELIVERY_LIMIT, Topology
 
 log = logging.getLogger(__name__)
@@ -157,11 +157,11 @@ async def connect_once(url: str, *, name: str) -> AbstractRobustConnection:
 
 @functools.cache
 def _read_frames_in_bulk() -> bool:
-    """Once per process: connections read their frames in bulk (`callpipe.frame_reader`)."""
+    """Once per process: connections read their frames in bulk (`infra.frame_reader`)."""
     installed = frame_reader.install()
     if not installed:
         log.warning(
-            "this aiormq is not shaped as callpipe.frame_reader expects: frames are "
+            "this aiormq is not shaped as infra.frame_reader expects: frames are "
             "read aiormq's own way (slower, not wrong)"
         )
     return installed

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from callpipe.logs import LEVELS
+from infra.logs import LEVELS
 from schemas.topology import Topology, validate_namespace
 
 

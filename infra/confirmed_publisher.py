@@ -12,8 +12,8 @@ from typing import Any, cast
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
-from callpipe import amqp_frames
-from callpipe.publish_rounds import Outgoing, can_write_frames, write_round
+from infra import amqp_frames
+from infra.publish_rounds import Outgoing, can_write_frames, write_round
 
 PERSISTENT = 2  # AMQP delivery mode: written to disk
 
@@ -37,7 +37,7 @@ class Publication:
 class ConfirmedPublisher:
     """One long-lived channel with publisher confirms; concurrent publishes pipeline on it.
 
-    The frames of each message are encoded once (`callpipe.amqp_frames`); the messages that
+    The frames of each message are encoded once (`infra.amqp_frames`); the messages that
     callers hand over while the event loop is busy are written to the connection together,
     one write per round instead of one per message, under aiormq's channel lock, with their
     delivery tags registered in aiormq's channel so that its reader settles the confirms and

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from callpipe.settings import Settings
+from infra.settings import Settings
 from schemas.topology import Topology
 
 Overflow = Literal["reject-publish", "drop-head"]
