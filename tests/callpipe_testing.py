@@ -1,5 +1,5 @@
-"""Test helpers: waiting on conditions, a TCP proxy that plays a failing network, and a
-trigger that makes PostgreSQL refuse one call."""
+"""Test helpers: waiting on conditions, taking what a queue holds, a TCP proxy that plays a
+failing network, and a trigger that makes PostgreSQL refuse one call."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import aio_pika
 import asyncpg
+from aio_pika.abc import AbstractIncomingMessage
 
 T = TypeVar("T")
 
@@ -26,6 +28,24 @@ async def wait_for(
             return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {seconds}s waiting for {what} (last value: {last!r})")
+
+
+async def take_queued(amqp_url: str, queue_name: str, taken: list[AbstractIncomingMessage]) -> None:
+    """Take every message now in a queue (acked) into `taken`, on a connection of its own;
+    nothing while the queue is not ready.
+
+    For a queue that was deleted and is declared again: until then a get finds no queue, and
+    just after, a quorum queue whose process has not started yet makes the broker close the
+    whole connection ("noproc"), which must not break the tests' shared one. What was taken
+    before such a failure stays in `taken`: it was acked, so no later call sees it again.
+    """
+    with contextlib.suppress(aio_pika.exceptions.AMQPError):
+        connection = await aio_pika.connect(amqp_url, timeout=10)
+        async with connection, connection.channel() as channel:
+            queue = await channel.get_queue(queue_name)
+            while (message := await queue.get(fail=False)) is not None:
+                await message.ack()
+                taken.append(message)
 
 
 async def refuse_call(

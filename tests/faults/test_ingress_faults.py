@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.test_utils import TestClient, TestServer
-from callpipe_testing import TcpProxy, wait_for
+from callpipe_testing import TcpProxy, take_queued, wait_for
 from conftest import Services, make_settings
 
 from infra.broker import delete_topology
@@ -59,25 +59,18 @@ async def proxied_client(
         yield client
 
 
-async def queued_ids(amqp: AbstractRobustConnection, queue_name: str) -> list[str]:
-    """The message ids now in a queue (taken, so the queue is left empty)."""
-    ids = []
-    async with amqp.channel() as channel:
-        queue = await channel.get_queue(queue_name)
-        while (message := await queue.get(fail=False, no_ack=True)) is not None:
-            ids.append(message.message_id or "")
-    return ids
-
-
-async def wait_queued(amqp: AbstractRobustConnection, queue_name: str, count: int) -> list[str]:
-    found: list[str] = []
+async def wait_queued(amqp_url: str, queue_name: str, count: int) -> list[str]:
+    """The ids of the messages taken from a queue once `count` different ones have come
+    (a webhook both published and spooled may come twice). Polled on connections of their own
+    (`take_queued`): the ingress may be declaring the queue at that moment."""
+    taken: list[AbstractIncomingMessage] = []
 
     async def arrived() -> bool:
-        found.extend(await queued_ids(amqp, queue_name))
-        return len(set(found)) >= count
+        await take_queued(amqp_url, queue_name, taken)
+        return len({message.message_id for message in taken}) >= count
 
     await wait_for(arrived, seconds=30, what=f"{count} webhooks in {queue_name}")
-    return found
+    return [message.message_id or "" for message in taken]
 
 
 def webhook(n: int) -> bytes:
@@ -131,7 +124,7 @@ async def wait_ready(
 async def test_broker_gone_is_spooled_fast_then_drained(
     proxied_client: TestClient[Any, Any],
     broker_proxy: TcpProxy,
-    amqp: AbstractRobustConnection,
+    services: Services,
     namespace: str,
 ) -> None:
     assert (await proxied_client.post("/roistat/tok-acme/call-start", data=CALL)).status == 200
@@ -149,7 +142,7 @@ async def test_broker_gone_is_spooled_fast_then_drained(
     assert "callpipe_ingress_spool_messages 10.0" in metrics
 
     await broker_proxy.restore()
-    ids = await wait_queued(amqp, Topology(namespace).call_queue("start"), 11)
+    ids = await wait_queued(services.amqp_url, Topology(namespace).call_queue("start"), 11)
     assert set(ids) == {"acme:42:start"} | {f"acme:{n}:start" for n in range(10)}
 
     async def spool_empty() -> bool:
@@ -162,7 +155,7 @@ async def test_broker_gone_is_spooled_fast_then_drained(
 async def test_a_confirm_that_never_comes_is_spooled_not_a_hang(
     proxied_client: TestClient[Any, Any],
     broker_proxy: TcpProxy,
-    amqp: AbstractRobustConnection,
+    services: Services,
     namespace: str,
 ) -> None:
     broker_proxy.freeze()
@@ -174,13 +167,13 @@ async def test_a_confirm_that_never_comes_is_spooled_not_a_hang(
     assert time.monotonic() - started < 2  # the confirm deadline (0.5 s), not the 5 s timeout
     broker_proxy.thaw()
     # The held publish may arrive as well as the spooled copy: both carry the same id.
-    assert set(await wait_queued(amqp, Topology(namespace).call_queue("start"), 1)) == {
-        "acme:42:start"
-    }
+    assert set(
+        await wait_queued(services.amqp_url, Topology(namespace).call_queue("start"), 1)
+    ) == {"acme:42:start"}
 
 
 async def test_ingress_starts_without_a_broker_and_takes_webhooks(
-    services: Services, namespace: str, broker_proxy: TcpProxy, amqp: AbstractRobustConnection
+    services: Services, namespace: str, broker_proxy: TcpProxy
 ) -> None:
     await broker_proxy.cut()
     settings = make_settings(services, namespace, amqp_url=proxied_url(services, broker_proxy))
@@ -191,7 +184,7 @@ async def test_ingress_starts_without_a_broker_and_takes_webhooks(
         assert (await client.post("/roistat/tok-acme/call-start", data=CALL)).status == 200
         await broker_proxy.restore()
         await asyncio.wait_for(app[BROKER].wait_ready(), timeout=20)
-        assert await wait_queued(amqp, Topology(namespace).call_queue("start"), 1) == [
+        assert await wait_queued(services.amqp_url, Topology(namespace).call_queue("start"), 1) == [
             "acme:42:start"
         ]
 
@@ -306,14 +299,16 @@ async def test_ingress_keeps_retrying_a_topology_that_fails_to_declare(
             async with amqp.channel() as channel:
                 await channel.queue_delete(topology.call_queue("start"))
             await asyncio.wait_for(app[BROKER].wait_ready(), timeout=20)
-            assert await wait_queued(amqp, topology.call_queue("start"), 1) == ["acme:42:start"]
+            assert await wait_queued(services.amqp_url, topology.call_queue("start"), 1) == [
+                "acme:42:start"
+            ]
     finally:
         async with amqp.channel() as channel:
             await delete_topology(channel, topology)
 
 
 async def test_a_killed_ingress_sends_its_spool_after_a_restart(
-    services: Services, namespace: str, broker_proxy: TcpProxy, amqp: AbstractRobustConnection
+    services: Services, namespace: str, broker_proxy: TcpProxy
 ) -> None:
     settings = make_settings(services, namespace, amqp_url=proxied_url(services, broker_proxy))
     env = ingress_env(settings, CALLPIPE_DRAIN_S="0")
@@ -340,7 +335,7 @@ async def test_a_killed_ingress_sends_its_spool_after_a_restart(
         await broker_proxy.restore()
         process = await start()
         try:
-            ids = await wait_queued(amqp, Topology(namespace).call_queue("start"), 20)
+            ids = await wait_queued(services.amqp_url, Topology(namespace).call_queue("start"), 20)
         finally:
             process.terminate()
             await process.wait()
@@ -348,7 +343,7 @@ async def test_a_killed_ingress_sends_its_spool_after_a_restart(
 
 
 async def test_sigterm_drains_not_ready_but_still_serving(
-    services: Services, namespace: str, amqp: AbstractRobustConnection
+    services: Services, namespace: str
 ) -> None:
     """A balancer needs time to notice: during the drain /readyz says no, webhooks still get
     their 200, and a connection opened before the signal is answered."""
@@ -383,5 +378,5 @@ async def test_sigterm_drains_not_ready_but_still_serving(
         if process.returncode is None:
             process.kill()
             await process.wait()
-    ids = await wait_queued(amqp, Topology(namespace).call_queue("start"), 2)
+    ids = await wait_queued(services.amqp_url, Topology(namespace).call_queue("start"), 2)
     assert set(ids) == {"acme:1:start", "acme:2:start"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import random
 from typing import Any
@@ -13,7 +12,7 @@ import pytest
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from callpipe_testing import wait_for
+from callpipe_testing import take_queued, wait_for
 
 from infra.broker import plain_headers
 from infra.settings import Settings
@@ -42,20 +41,6 @@ async def drain(
         while (message := await queue.get(fail=False)) is not None:
             await message.ack()
             found.append(message)
-    return found
-
-
-async def drain_if_ready(amqp_url: str, queue_name: str) -> list[AbstractIncomingMessage]:
-    """Like `drain`, but on its own connection, and nothing while the queue is not ready.
-
-    For a queue that was deleted and is declared again: until then a get finds no queue,
-    and just after, a quorum queue whose process has not started yet makes the broker
-    close the whole connection ("noproc"), which must not break the tests' shared one.
-    """
-    found: list[AbstractIncomingMessage] = []  # kept if the connection fails after a get
-    with contextlib.suppress(aio_pika.exceptions.AMQPError):
-        async with await aio_pika.connect(amqp_url, timeout=10) as connection:
-            await drain(connection, queue_name, found)
     return found
 
 
@@ -212,9 +197,7 @@ async def test_unroutable_webhook_is_spooled_and_arrives_once_its_queue_is_back(
     async def both_arrived() -> bool:
         # The drainer declares the topology again, so the deleted queue comes back.
         for kind in ("start", "end"):
-            found.extend(
-                await drain_if_ready(settings.amqp_url, settings.topology.call_queue(kind))
-            )
+            await take_queued(settings.amqp_url, settings.topology.call_queue(kind), found)
         return len(found) == 2
 
     await wait_for(both_arrived, seconds=20, what="both webhooks drained from the spool")
@@ -242,15 +225,14 @@ async def test_a_nacked_publish_is_spooled_and_every_200_arrives(
         answers.append((response.status, (await response.json()).get("spooled", False)))
     assert [status for status, _ in answers] == [200] * 4
     assert any(spooled for _, spooled in answers)
-    received: list[str] = []
+    taken: list[AbstractIncomingMessage] = []
 
     async def all_received() -> bool:  # taking one makes room for the next
-        taken = await drain_if_ready(settings.amqp_url, topology.call_queue("start"))
-        received.extend(m.message_id or "" for m in taken)
-        return len(received) >= 4
+        await take_queued(settings.amqp_url, topology.call_queue("start"), taken)
+        return len(taken) >= 4
 
     await wait_for(all_received, seconds=30, what="every accepted webhook in the queue")
-    assert sorted(set(received)) == [f"acme:{n}:start" for n in range(4)]
+    assert sorted({m.message_id or "" for m in taken}) == [f"acme:{n}:start" for n in range(4)]
 
 
 async def test_health_ready_and_metrics(client: Client) -> None:
