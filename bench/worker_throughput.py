@@ -78,6 +78,7 @@ PEER = "faststream peer"
 POLL_INTERVAL_S = 0.05
 PUBLISH_WINDOW = 256
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CPUS = os.cpu_count() or 1
 DEFAULT_PREFETCH: int = Settings.model_fields["prefetch"].default
 
 # --- the FastStream peer (runs in a child: this script with --serve-peer) -------------------
@@ -194,6 +195,13 @@ class Result:
     @property
     def steady_cpu_us(self) -> float:  # the consumers' CPU per message, over the same span
         return (self.cpu_s - self.first[1]) * 1e6 / max(self.messages - self.first[2], 1)
+
+    @property
+    def cpu_bound_per_s(self) -> float:
+        """The rate at which this CPU per message (the consumers' in steady state, and the
+        servers') would keep every core of the machine busy: more is not possible here."""
+        servers_us = (self.postgres_s + self.rabbitmq_s) * 1e6 / self.messages
+        return CPUS * 1e6 / max(self.steady_cpu_us + servers_us, 1e-9)
 
 
 def build_messages(count: int, seed: int, callers: int) -> tuple[list[tuple[str, bytes]], float]:
@@ -384,6 +392,7 @@ COLUMNS: list[tuple[str, Callable[[Result], float], str]] = [
     ("steady CPU µs/msg", lambda one: one.steady_cpu_us, "{:.0f}"),
     ("PG µs/msg", lambda one: one.postgres_s * 1e6 / one.messages, "{:.0f}"),
     ("RMQ µs/msg", lambda one: one.rabbitmq_s * 1e6 / one.messages, "{:.0f}"),
+    ("CPU bound/s", lambda one: one.cpu_bound_per_s, "{:.0f}"),
     ("log lines/msg", lambda one: one.log_lines / one.messages, "{:.1f}"),
 ]
 
@@ -408,6 +417,10 @@ def report(results: Sequence[Result], rounds: int) -> None:
     print()
     print(f"medians of {rounds} rounds" if rounds > 1 else "one round")
     print_table(headers, rows)
+    print(
+        f"CPU bound/s: {CPUS} cores / (steady CPU + PG + RMQ per message), the rate at which"
+        " that cost would keep the whole machine busy"
+    )
 
 
 # --- the run -------------------------------------------------------------------------------
