@@ -20,9 +20,10 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # The build context is filtered by .dockerignore (no .venv, .git, tests, caches).
 COPY . .
-# After installing, fail the build (not the container) if the entry point cannot
-# import or the default Roistat time zone is missing from the base image.
-RUN pip install . \
+# The dependencies at the versions CI passed with (constraints.txt). After installing,
+# fail the build (not the container) if the entry point cannot import or the default
+# Roistat time zone is missing from the base image.
+RUN pip install -c constraints.txt . \
  && callpipe --help >/dev/null \
  && python -c "import zoneinfo; zoneinfo.ZoneInfo('Europe/Moscow')"
 
