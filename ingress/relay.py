@@ -4,7 +4,10 @@ While the spool holds webhooks not yet drained, new webhooks join its end, so th
 gets them in the order they arrived (but for ones answered while an append was in flight).
 The drainer sends the spool's head in pipelined batches once the broker confirms again and
 forgets each message only after its confirm: a crash between the two sends it again, with
-the same message id, and the workers deduplicate it.
+the same message id, and the workers deduplicate it. When the broker refuses one message of a
+batch (its queue is full, say), the ones after it may have been stored already; until the
+refused one goes through, the drainer sends only it, so those are sent again once, not every
+round.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class WebhookRelay:
         self._deadline_s = confirm_deadline_s
         self._draining: asyncio.Task[None] | None = None
         self._redeclared_at = 0.0
+        # The last round's batch had a message the broker did not take: send only the head.
+        self._head_refused = False
         self.confirmed = 0
         self.spooled = 0
 
@@ -82,42 +87,48 @@ class WebhookRelay:
     async def _drain(self) -> None:
         while True:
             await self._spool.appended.wait()
-            if not self._broker.is_ready:
+            try:
+                await self._drain_round()
+            except Exception:  # the spool's disk failed, or a bug: the webhooks stay spooled
+                log.exception("spool drain failed; tried again in %g s", DRAIN_RETRY_S)
                 await asyncio.sleep(DRAIN_RETRY_S)
-                continue
-            batch = await self._spool.read_batch(DRAIN_BATCH)
-            if not batch:
-                await asyncio.sleep(DRAIN_RETRY_S)  # counted but not readable yet: a flush runs
-                continue
-            # Published in order on one channel: the broker stores them in that order.
-            results = await asyncio.gather(
-                *(
-                    self._broker.publish(
-                        m.exchange,
-                        m.routing_key,
-                        m.body,
-                        message_id=m.message_id,
-                        headers=m.headers,
-                    )
-                    for _, m in batch
-                ),
-                return_exceptions=True,
-            )
-            confirmed = 0
-            for result in results:
-                if isinstance(result, BaseException):
-                    break
-                confirmed += 1
-            if confirmed:
-                await self._spool.commit(batch[confirmed - 1][0], confirmed)
-                log.info(
-                    "spool: %d webhooks sent to the broker, %d wait",
-                    confirmed,
-                    self._spool.messages,
+
+    async def _drain_round(self) -> None:
+        if not self._broker.is_ready:
+            await asyncio.sleep(DRAIN_RETRY_S)
+            return
+        batch = await self._spool.read_batch(1 if self._head_refused else DRAIN_BATCH)
+        if not batch:
+            await asyncio.sleep(DRAIN_RETRY_S)  # counted but not readable yet: a flush runs
+            return
+        # Published in order on one channel: the broker stores them in that order.
+        results = await asyncio.gather(
+            *(
+                self._broker.publish(
+                    m.exchange,
+                    m.routing_key,
+                    m.body,
+                    message_id=m.message_id,
+                    headers=m.headers,
                 )
-            if confirmed < len(batch):
-                log.warning("spool drain paused: %r", results[confirmed])
-                await asyncio.sleep(DRAIN_RETRY_S)
-                if time.monotonic() - self._redeclared_at > REDECLARE_EVERY_S:
-                    self._redeclared_at = time.monotonic()
-                    await self._broker.redeclare()
+                for _, m in batch
+            ),
+            return_exceptions=True,
+        )
+        confirmed = 0
+        for result in results:
+            if isinstance(result, BaseException):
+                break
+            confirmed += 1
+        self._head_refused = confirmed < len(batch)
+        if confirmed:
+            await self._spool.commit(batch[confirmed - 1][0], confirmed)
+            log.info(
+                "spool: %d webhooks sent to the broker, %d wait", confirmed, self._spool.messages
+            )
+        if self._head_refused:
+            log.warning("spool drain paused: %r", results[confirmed])
+            await asyncio.sleep(DRAIN_RETRY_S)
+            if time.monotonic() - self._redeclared_at > REDECLARE_EVERY_S:
+                self._redeclared_at = time.monotonic()
+                await self._broker.redeclare()

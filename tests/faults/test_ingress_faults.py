@@ -22,7 +22,7 @@ from conftest import Services, make_settings
 
 from infra.broker import delete_topology
 from infra.settings import Settings
-from ingress.app import BROKER, init_app
+from ingress.app import BROKER, SPOOL, init_app
 from schemas import codec
 from schemas.topology import Topology
 
@@ -150,6 +150,41 @@ async def test_broker_gone_is_spooled_fast_then_drained(
         return "callpipe_ingress_spool_messages 0.0" in text
 
     await wait_for(spool_empty, what="the spool metric back to 0")
+
+
+async def test_a_disk_error_while_draining_is_retried_not_the_end_of_draining(
+    proxied_client: TestClient[Any, Any],
+    broker_proxy: TcpProxy,
+    services: Services,
+    namespace: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The drainer records its progress on the spool's disk; when that fails, the webhooks
+    stay spooled and it tries again, rather than leaving every later webhook spooled."""
+    await broker_proxy.cut()
+    for n in range(3):
+        response = await proxied_client.post("/roistat/tok-acme/call-start", data=webhook(n))
+        assert (await response.json())["spooled"] is True
+    spool = proxied_client.app[SPOOL]
+    blocker = spool.directory / "cursor.tmp"
+    blocker.mkdir()  # the cursor cannot be written: as a failing disk would refuse it
+    try:
+        await broker_proxy.restore()
+
+        async def failed_twice() -> bool:
+            return caplog.text.count("spool drain failed") >= 2
+
+        await wait_for(failed_twice, seconds=20, what="the drainer failing, then trying again")
+        assert spool.messages == 3
+    finally:
+        blocker.rmdir()
+
+    async def drained() -> bool:
+        return not spool.messages
+
+    await wait_for(drained, seconds=20, what="the spool drained once the disk works again")
+    ids = await wait_queued(services.amqp_url, Topology(namespace).call_queue("start"), 3)
+    assert set(ids) == {f"acme:{n}:start" for n in range(3)}  # sent again after each failure
 
 
 async def test_a_confirm_that_never_comes_is_spooled_not_a_hang(

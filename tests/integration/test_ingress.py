@@ -16,7 +16,7 @@ from callpipe_testing import take_queued, wait_for
 
 from infra.broker import plain_headers
 from infra.settings import Settings
-from ingress.app import init_app
+from ingress.app import SPOOL, init_app
 from schemas import codec
 from schemas.topology import Topology
 
@@ -233,6 +233,62 @@ async def test_a_nacked_publish_is_spooled_and_every_200_arrives(
 
     await wait_for(all_received, seconds=30, what="every accepted webhook in the queue")
     assert sorted({m.message_id or "" for m in taken}) == [f"acme:{n}:start" for n in range(4)]
+
+
+async def test_a_refused_head_of_the_spool_is_tried_alone(
+    client: Client,
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the broker refuses the spool's oldest webhook (its queue is full), the drainer
+    does not send the webhooks behind it again every round: each reaches its queue at most
+    twice (once in the round that found the refusal, once after), not once per round."""
+    topology: Topology = settings.topology
+    async with amqp.channel() as channel:
+        await channel.queue_delete(topology.call_queue("start"))
+        full = await channel.declare_queue(
+            topology.call_queue("start"),
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "reject-publish"},
+        )
+        await full.bind(topology.webhooks_exchange, "*.call.start")
+        exchange = await channel.get_exchange(topology.webhooks_exchange)
+        fillers = 0
+        while fillers < 5:  # until the queue refuses one: a quorum queue may take one more
+            try:
+                await exchange.publish(aio_pika.Message(b"{}", message_id="filler"), "x.call.start")
+            except aio_pika.exceptions.DeliveryError:
+                break
+            fillers += 1
+    head = await client.post("/roistat/tok-acme/call-start", data=codec.dumps(CALL))
+    assert (await head.json())["spooled"] is True  # the full queue refused it
+    for n in range(5):
+        body = codec.dumps({**CALL, "id": str(n)})
+        response = await client.post("/roistat/tok-acme/call-end", data=body)
+        assert (await response.json())["spooled"] is True  # behind the refused one
+    caplog.clear()
+
+    async def refused_four_more_times() -> bool:
+        return caplog.text.count("spool drain paused") >= 4
+
+    await wait_for(refused_four_more_times, seconds=20, what="the head refused four more rounds")
+    async with amqp.channel() as channel:
+        ends = await channel.declare_queue(topology.call_queue("end"), passive=True)
+        assert (ends.declaration_result.message_count or 0) <= 5
+    taken = await drain(amqp, topology.call_queue("start"))  # room for the head
+    assert [m.message_id for m in taken] == ["filler"] * fillers
+    spool = client.app[SPOOL]
+
+    async def drained() -> bool:
+        return not spool.messages
+
+    await wait_for(drained, seconds=20, what="the spool drained once the head went through")
+    [start] = await drain(amqp, topology.call_queue("start"))
+    assert start.message_id == "acme:100500:start"
+    end_ids = [m.message_id for m in await drain(amqp, topology.call_queue("end"))]
+    assert set(end_ids) == {f"acme:{n}:end" for n in range(5)}
+    assert all(end_ids.count(event_id) <= 2 for event_id in set(end_ids))
 
 
 async def test_health_ready_and_metrics(client: Client) -> None:
