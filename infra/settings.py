@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     # Workers' /healthz, /readyz, /metrics: one server per process (`run`: both kinds), on
     # http_host; 0: none. A port in use is logged and the worker runs without it.
     metrics_port: int = Field(default=8081, ge=0, le=65535)
-    max_body_bytes: int = Field(default=65536, ge=1024)
+    # At most 8 MiB: a spooled webhook must fit the spool's 16 MiB record (ingress/spool.py).
+    max_body_bytes: int = Field(default=65536, ge=1024, le=8 * 1024 * 1024)
     roistat_tz: str = "Europe/Moscow"
     default_region: str = "RU"
     prefetch: int = Field(default=256, ge=1, le=10000)

@@ -18,7 +18,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from schemas import codec
 
@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"CPS1"
 HEADER = struct.Struct(">4sII")  # magic, payload length, CRC-32 of the payload
 SEGMENT_BYTES = 64 * 1024 * 1024
-MAX_RECORD_BYTES = 16 * 1024 * 1024
+MAX_RECORD_BYTES = 16 * 1024 * 1024  # over twice CALLPIPE_MAX_BODY_BYTES' limit, with headers
+READ_WINDOW_BYTES = 4 * 1024 * 1024  # read at a time while draining (a larger record: whole)
 
 
 class SpoolUnavailableError(Exception):
@@ -89,6 +90,19 @@ def read_records(data: bytes, start: int = 0) -> tuple[list[tuple[int, bytes]], 
         records.append((end, payload))
         offset = end
     return records, offset
+
+
+def _read_window(file: BinaryIO, offset: int, available: int) -> bytes:
+    """Up to `READ_WINDOW_BYTES` of the `available` bytes at `offset`, and at least the whole
+    record that starts there: one larger than the window is read in one piece, not skipped."""
+    file.seek(offset)
+    data = file.read(min(available, READ_WINDOW_BYTES))
+    if len(data) >= HEADER.size:
+        _, length, _ = HEADER.unpack_from(data)
+        whole = HEADER.size + min(length, MAX_RECORD_BYTES)
+        if len(data) < whole <= available:
+            data += file.read(whole - len(data))
+    return data
 
 
 class Spool:
@@ -243,8 +257,7 @@ class Spool:
             durable = self._sizes.get(position.segment, 0)
             if position.offset < durable:
                 with self._path(position.segment).open("rb") as file:
-                    file.seek(position.offset)
-                    data = file.read(min(durable - position.offset, 4 * 1024 * 1024))
+                    data = _read_window(file, position.offset, durable - position.offset)
                 records, _ = read_records(data)
                 for end, payload in records[: limit - len(batch)]:
                     batch.append(

@@ -118,6 +118,12 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.param({"tokens": "a:t,b:t"}, "tokens", "twice", id="tokens-duplicate"),
         pytest.param({"http_port": 70000}, "http_port", "65535", id="port-too-big"),
         pytest.param({"max_body_bytes": 10}, "max_body_bytes", "1024", id="body-limit-tiny"),
+        pytest.param(
+            {"max_body_bytes": 8 * 1024 * 1024 + 1},
+            "max_body_bytes",
+            "8388608",
+            id="body-limit-huge",
+        ),
         pytest.param({"prefetch": 0}, "prefetch", "1", id="prefetch-zero"),
         pytest.param({"publish_timeout_s": 0}, "publish_timeout_s", "0", id="timeout-zero"),
     ],

@@ -124,6 +124,23 @@ async def test_segments_roll_over_and_drained_ones_are_removed(
     assert opened(tmp_path).messages == 0
 
 
+async def test_records_larger_than_the_read_window_are_drained_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record the drainer cannot read in one window is read whole, whether it sits in the
+    segment being written (it would never be read) or an older one (skipped, and its segment
+    removed with the next commit)."""
+    monkeypatch.setattr(spool_module, "READ_WINDOW_BYTES", 1000)
+    monkeypatch.setattr(spool_module, "SEGMENT_BYTES", 5000)
+    spool = opened(tmp_path)
+    sent = [message(n, size=3000 if n % 2 else 100) for n in range(9)]
+    for one in sent:
+        await spool.append(one)
+    assert len(segments(tmp_path)) > 2
+    assert await drain_all(spool) == sent
+    spool.close()
+
+
 async def test_a_full_spool_refuses(tmp_path: Path) -> None:
     spool = opened(tmp_path, max_bytes=1000)
     await spool.append(message(1, size=300))
