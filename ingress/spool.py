@@ -116,6 +116,7 @@ class Spool:
         self._cursor = Position(0, 0)
         self._write_segment = 0
         self._write_size = 0  # durable bytes of the segment being written
+        self._directory_unsynced = False  # the segment being written may vanish in a power cut
         self._sizes: dict[int, int] = {}  # durable size of every segment still on disk
         self._pending: list[tuple[bytes, float, asyncio.Future[None]]] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -198,14 +199,17 @@ class Spool:
             while self._pending:
                 batch, self._pending = self._pending, []
                 data = b"".join(record for record, _, _ in batch)
+                sync_directory = self._directory_unsynced
                 try:
-                    await asyncio.to_thread(self._write, data)
+                    await asyncio.to_thread(self._write, data, sync_directory)
                 except OSError as exc:
                     log.error("spool %s: write failed: %r", self.directory, exc)
                     for _, _, done in batch:
                         if not done.done():
                             done.set_exception(SpoolUnavailableError(f"spool write failed: {exc}"))
                     continue
+                if sync_directory:
+                    self._directory_unsynced = False
                 self._write_size += len(data)
                 self._sizes[self._write_segment] = self._write_size
                 for _, spooled_at, done in batch:
@@ -220,13 +224,15 @@ class Spool:
                     try:
                         self._path(self._write_segment).touch()
                         await asyncio.to_thread(self._fsync_directory)
-                    except OSError as exc:  # the next write fails and says so
+                    except OSError as exc:  # the first write to it syncs the directory
+                        self._directory_unsynced = True
                         log.error("spool %s: new segment failed: %r", self.directory, exc)
         finally:
             self._flushing = None
 
-    def _write(self, data: bytes) -> None:
-        """Runs in a worker thread: append and fsync; a short write is undone."""
+    def _write(self, data: bytes, sync_directory: bool) -> None:
+        """Runs in a worker thread: append and fsync (and the directory, if the segment's entry
+        may not be on disk yet); a short or failed write is undone."""
         path = self._path(self._write_segment)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -235,6 +241,8 @@ class Spool:
                 os.ftruncate(fd, self._write_size)
                 raise OSError(f"short write: {written} of {len(data)} bytes")
             os.fsync(fd)
+            if sync_directory:
+                self._fsync_directory()
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, self._write_size)

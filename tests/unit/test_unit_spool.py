@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from callpipe_testing import wait_for
 
 import ingress.spool as spool_module
 from ingress.spool import (
@@ -138,6 +139,38 @@ async def test_records_larger_than_the_read_window_are_drained_whole(
         await spool.append(one)
     assert len(segments(tmp_path)) > 2
     assert await drain_all(spool) == sent
+    spool.close()
+
+
+async def test_a_segment_whose_directory_entry_failed_to_sync_is_synced_by_its_first_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A webhook is answered 200 only once it survives a power cut: in a new segment file,
+    that needs the directory synced too, which may fail at the roll-over (a full disk)."""
+    monkeypatch.setattr(spool_module, "SEGMENT_BYTES", 1000)
+    directory_syncs: list[Path] = []
+    sync = Spool._fsync_directory
+
+    def fails_once(self: Spool) -> None:
+        directory_syncs.append(self.directory)
+        if len(directory_syncs) == 1:
+            raise OSError(28, "No space left on device")
+        sync(self)
+
+    spool = opened(tmp_path)
+    monkeypatch.setattr(Spool, "_fsync_directory", fails_once)
+    await spool.append(message(1, size=1200))  # fills the segment: a new one begins
+
+    async def roll_over_failed() -> bool:  # logged by the flush, after the append's answer
+        return "new segment failed" in caplog.text
+
+    await wait_for(roll_over_failed, what="the failed roll-over logged")
+    assert len(directory_syncs) == 1
+    await spool.append(message(2))  # the new segment's first record
+    assert len(directory_syncs) == 2
+    await spool.append(message(3))
+    assert len(directory_syncs) == 2  # once is enough
+    assert [m.message_id for m in await drain_all(spool)] == [f"acme:{n}:start" for n in (1, 2, 3)]
     spool.close()
 
 
