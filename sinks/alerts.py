@@ -54,10 +54,13 @@ LIMIT 1
 """
 
 # An alert of this caller in the window is being sent right now: its follow-up must wait.
+# Not for a claim older than the lease: that send was cut off (or sent but never noted), and
+# waiting for it would hold the caller's follow-ups for good.
 SENDING_IN_WINDOW = """
 SELECT count(*) FROM telegram_alerts
 WHERE sink = $1 AND project = $2 AND caller = $3 AND state = 'sending'
   AND called_at < $4 AND called_at >= $4 - $5::interval
+  AND claimed_at >= clock_timestamp() - $6::interval
 """
 
 # Alerts of the same caller in the window before the answered call, not yet followed up by
@@ -147,7 +150,7 @@ class AlertStore:
     ) -> bool:
         async with self._pool.acquire() as conn:
             count = await conn.fetchval(
-                SENDING_IN_WINDOW, sink, project, caller, answered_at, window
+                SENDING_IN_WINDOW, sink, project, caller, answered_at, window, self._lease
             )
         return bool(count)
 

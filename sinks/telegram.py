@@ -90,9 +90,10 @@ def read_answer(status: int, body: bytes) -> ApiAnswer:
         document = codec.loads(body)
     except ValueError:
         document = None
-    if not isinstance(document, dict):
-        # Not the Bot API speaking: a gateway's 2xx or 5xx may come after the message was
-        # posted; only a 4xx from in front of the API surely stopped it.
+    if not isinstance(document, dict) or "ok" not in document:
+        # Not the Bot API speaking (every answer of it has "ok"): a gateway's 2xx or 5xx may
+        # come after the message was posted; only a 4xx from in front of the API surely
+        # stopped it.
         sent = False if 400 <= status < 500 else None
         return ApiAnswer(False, sent, error=f"HTTP {status} without a Bot API answer")
     if document.get("ok") is True:
@@ -117,7 +118,9 @@ class BotApi:
         base = str(config.api_base).rstrip("/")
         self._base = f"{base}/bot{config.bot_token.get_secret_value()}"
         self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        # Connecting gets half the time: a connection that cannot be made in it fails as
+        # "never connected", which may be retried, not as a request cut off mid-way.
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s, connect=config.timeout_s / 2)
 
     async def call(self, method: str, payload: dict[str, Any]) -> ApiAnswer:
         try:
@@ -132,6 +135,9 @@ class BotApi:
         except aiohttp.ClientConnectorError as exc:
             # Never connected: the request did not leave this machine.
             return ApiAnswer(False, False, error=f"network: cannot connect ({exc.os_error})")
+        except aiohttp.ConnectionTimeoutError:
+            # No connection within the connect timeout (packets dropped): nothing was sent.
+            return ApiAnswer(False, False, error="network: cannot connect (timed out)")
         except (TimeoutError, aiohttp.ClientError) as exc:
             return ApiAnswer(False, None, error=f"no complete answer: {type(exc).__name__}")
 
@@ -175,7 +181,13 @@ class TelegramSink:
         caller, missed_at = call.get("caller"), _time(call.get("called_at"))
         callback = None
         if caller and missed_at is not None:
-            callback = await self._store.answered_callback(project, caller, missed_at, self._window)
+            try:
+                callback = await self._store.answered_callback(
+                    project, caller, missed_at, self._window
+                )
+            except DATABASE_ERRORS:
+                await self._release(key)  # nothing was sent: the retry claims it again
+                raise
         if callback is not None:
             text = followed_up_text(text, callback, self._tz)
         answer = await self._api.call(
@@ -196,10 +208,22 @@ class TelegramSink:
         if answer.sent is None:
             await self._store.abandon(key)
             return GiveUp(f"{answer.error}: the alert may have arrived, so it is not sent again")
-        await self._store.release(key)
+        await self._release(key)
         if answer.may_retry:
             return RetryLater(answer.error, answer.retry_after_s)
         return GiveUp(answer.error)
+
+    async def _release(self, key: AlertKey) -> None:
+        """The alert was surely not sent: release its claim, trying hard, since a claim left
+        behind reads as "may have arrived" once its lease is over, and is never sent."""
+        for attempt in range(1, MARK_SENT_TRIES + 1):
+            try:
+                await self._store.release(key)
+                return
+            except DATABASE_ERRORS:
+                if attempt == MARK_SENT_TRIES:
+                    raise
+                await asyncio.sleep(0.5 * attempt)
 
     async def _note_sent(
         self, key: AlertKey, message_id: int, text: str, followed_up_by: str | None
@@ -213,7 +237,8 @@ class TelegramSink:
                 return
             except DATABASE_ERRORS as exc:
                 if attempt == MARK_SENT_TRIES:
-                    # Sent once, and never again; only its follow-up is lost.
+                    # Sent once, and never again; its follow-up is lost, and this caller's
+                    # other follow-ups wait until its claim's lease is over.
                     log.error(
                         "telegram %s: alert for call %s sent (message %d) but not noted: %r",
                         self._config.name,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractRobustConnection
@@ -20,7 +23,7 @@ from sink_testing import FakeServer, RunningSinks, envelope, publish_events
 from infra.broker import plain_headers
 from infra.settings import Settings
 from schemas import codec
-from sinks.telegram import TelegramSinkConfig
+from sinks.telegram import BotApi, TelegramSinkConfig
 
 TOKEN = "123456:TEST-token"
 
@@ -332,3 +335,105 @@ async def test_a_follow_up_waits_for_an_alert_being_sent(
         return "Reached" in fake.chat[1]
 
     await wait_for(edited, what="the follow-up once the alert is noted")
+
+
+@contextlib.contextmanager
+def unreachable_port() -> Iterator[int]:
+    """A local port whose connections are never made: its accept queue is full, so the kernel
+    drops new SYNs, as a firewall or a dead route would."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            filler = socket.socket()
+            filler.settimeout(0.3)
+            fillers.append(filler)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except TimeoutError:
+                break  # this one hangs: so will the next
+        else:
+            pytest.fail("could not make a local port that drops connections")
+        yield port
+    finally:
+        for one in (*fillers, server):
+            one.close()
+
+
+async def test_a_bot_api_never_reached_is_not_sent_and_may_be_retried() -> None:
+    """Packets dropped on the way to Telegram: no connection, so the alert was surely not
+    sent, and is tried again, not abandoned as one that "may have arrived"."""
+    with unreachable_port() as port:
+        config = telegram(f"http://127.0.0.1:{port}", timeout_s=2.0)
+        async with aiohttp.ClientSession() as session:
+            answer = await BotApi(config, session).call("sendMessage", {"chat_id": 1, "text": "x"})
+    assert (answer.ok, answer.sent, answer.may_retry) == (False, False, True)
+    assert answer.error == "network: cannot connect (timed out)"
+
+
+async def test_a_database_error_before_the_send_leaves_the_alert_to_the_retry(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    bot: tuple[FakeBotApi, str],
+    db: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The alert is claimed, then the database fails before anything is sent: the claim is
+    released, so the retry sends it (left claimed, it would read as "may have arrived" once
+    its lease is over, and never be sent)."""
+    fake, url = bot
+    calls = f'"{settings.namespace}".calls'
+    await db.execute(f"ALTER TABLE {calls} RENAME TO calls_away")
+    try:
+        await sinks.start(settings, [telegram(url, retry_delays_s=[0.5])])
+        await publish_events(amqp, settings, [envelope("d1")])
+
+        async def failed() -> bool:
+            return "database: UndefinedTableError" in caplog.text
+
+        await wait_for(failed, what="the callback lookup failing")
+    finally:
+        await db.execute(f'ALTER TABLE "{settings.namespace}".calls_away RENAME TO calls')
+
+    async def alerted() -> bool:
+        return len(fake.chat) == 1
+
+    await wait_for(alerted, what="the alert sent by the retry")
+    assert "call d1" in fake.chat[1]
+
+
+async def test_a_claim_past_its_lease_does_not_hold_the_callers_follow_ups(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    bot: tuple[FakeBotApi, str],
+    db: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An alert sent but never noted (the database failed after the send) stays claimed;
+    once its lease is over, the caller's other alerts are followed up without waiting."""
+    fake, url = bot
+    fake.chat[1] = "📵 Missed call (sent, and noted)"
+    table = f'"{settings.namespace}".telegram_alerts'
+    await db.execute(
+        f"INSERT INTO {table} (sink, project, call_id, caller, called_at, state, claimed_at,"
+        " chat_id, message_id, alert_text, sent_at) VALUES"
+        " ('missed', 'acme', 'm1', '+79990009911', '2026-11-25T07:00:00Z', 'sent',"
+        "  now() - interval '1 hour', '-100123', 1, $1, now() - interval '1 hour'),"
+        " ('missed', 'acme', 'm2', '+79990009911', '2026-11-25T07:01:00Z', 'sending',"
+        "  now() - interval '1 hour', NULL, NULL, NULL, NULL)",
+        fake.chat[1],
+    )
+    await sinks.start(settings, [telegram(url)])
+    answered = envelope("a1", outcome="answered", called_at="2026-11-25T07:05:00Z")
+    await publish_events(amqp, settings, [answered])
+
+    async def edited() -> bool:
+        return "Reached" in fake.chat[1]
+
+    await wait_for(edited, what="the noted alert followed up")
+    assert "being sent" not in caplog.text

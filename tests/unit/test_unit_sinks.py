@@ -216,6 +216,8 @@ def test_bad_binding_keys(key: str) -> None:
             False,
         ),
         (502, b"<html>Bad Gateway</html>", False, None, None, True),
+        (502, b'{"error":"upstream timed out"}', False, None, None, True),  # a proxy's JSON
+        (200, b'{"result":{"message_id":5}}', False, None, None, False),
         (200, b"<html>captive portal</html>", False, None, None, False),
     ],
 )
