@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -14,6 +16,9 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from infra import amqp_frames
 from infra.publish_rounds import Outgoing, can_write_frames, write_round
+from infra.refusals import RefusalWatch
+
+log = logging.getLogger(__name__)
 
 PERSISTENT = 2  # AMQP delivery mode: written to disk
 
@@ -43,12 +48,16 @@ class ConfirmedPublisher:
     delivery tags registered in aiormq's channel so that its reader settles the confirms and
     returns as for its own publishes. Where the installed aiormq lacks what that needs, each
     message goes through aiormq's `basic_publish`. The channel is aio-pika's robust one, so
-    it is reopened after a reconnect.
+    it is reopened after a reconnect, and after the broker has refused everything on it for
+    a while (`infra.refusals`).
     """
 
-    def __init__(self, channel: AbstractChannel, timeout_s: float) -> None:
+    def __init__(
+        self, channel: AbstractChannel, timeout_s: float, refusals: RefusalWatch | None = None
+    ) -> None:
         self._channel = channel
         self._timeout_s = timeout_s
+        self._refusals = RefusalWatch() if refusals is None else refusals
         self._publishing: dict[str, asyncio.Future[None]] = {}  # message ids in flight
         self._method_frames: dict[tuple[int, str, str, bool], bytes] = {}
         self._outgoing: list[Outgoing] = []
@@ -56,14 +65,18 @@ class ConfirmedPublisher:
         # The channel got last, and whether its frames can be written directly
         # (`can_write_frames`, asked once per channel: a reconnect brings a new one).
         self._current: tuple[aiormq.Channel | None, bool] = (None, False)
+        self._closing: asyncio.Task[Any] | None = None  # a refused channel, being closed
 
     @classmethod
     async def open(
-        cls, connection: AbstractRobustConnection, timeout_s: float
+        cls,
+        connection: AbstractRobustConnection,
+        timeout_s: float,
+        refusals: RefusalWatch | None = None,
     ) -> ConfirmedPublisher:
         # on_return_raises: a returned (unroutable) mandatory message fails the publish.
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        return cls(channel, timeout_s)
+        return cls(channel, timeout_s, refusals)
 
     async def publish(
         self,
@@ -95,17 +108,20 @@ class ConfirmedPublisher:
                         channel, exchange, routing_key, body, message_id, headers, mandatory,
                         left_s,
                     )  # fmt: skip
-                    return
-                publication = Publication(
-                    exchange, routing_key, body, message_id, headers, mandatory
-                )
-                await self._send(self._outgoing_message(channel, publication, left_s))
+                else:
+                    publication = Publication(
+                        exchange, routing_key, body, message_id, headers, mandatory
+                    )
+                    await self._send(self._outgoing_message(channel, publication, left_s))
+                self._refusals.confirmed()
             finally:
                 del self._publishing[message_id]
                 done.set_result(None)
         except TimeoutError as exc:
             raise PublishFailedError(f"no confirm within {timeout_s:g}s") from exc
         except Exception as exc:
+            if _is_nack(exc):
+                self._note_refusal()
             raise PublishFailedError(f"{type(exc).__name__}: {exc}") from exc
 
     async def publish_many(
@@ -146,7 +162,13 @@ class ConfirmedPublisher:
         try:
             left_s = deadline - loop.time()
             messages = [self._outgoing_message(channel, p, left_s) for p in publications]
-            return await self._send_all(messages, left_s, timeout_s, confirmed)
+            results = await self._send_all(messages, left_s, timeout_s, confirmed)
+            for message in messages:
+                if _was_confirmed(message):
+                    self._refusals.confirmed()
+                elif _was_refused(message):
+                    self._note_refusal()
+            return results
         except Exception as exc:
             return [PublishFailedError(f"{type(exc).__name__}: {exc}") for _ in publications]
         finally:
@@ -175,6 +197,18 @@ class ConfirmedPublisher:
             return None
 
         return list(await asyncio.gather(*(one(p) for p in publications)))
+
+    def _note_refusal(self) -> None:
+        """A nack; after many in a row, for a while, close the channel: aio-pika opens a new
+        one, and the publishes waiting on this one fail (they were being refused anyway)."""
+        channel = self._current[0]
+        if not self._refusals.refused(time.monotonic()) or channel is None or channel.is_closed:
+            return
+        log.warning(
+            "the broker refused every publish on channel %d for a while: opening a new one",
+            channel.number,
+        )
+        self._closing = asyncio.get_running_loop().create_task(channel.close())
 
     def _can_write_frames(self, channel: aiormq.Channel) -> bool:
         """Whether frames can be written on `channel`, the one `_underlay` returned."""
@@ -329,6 +363,21 @@ CONTENT_TYPE = "application/json"
 def _was_confirmed(message: Outgoing) -> bool:
     confirmation = message.confirmation
     return confirmation.done() and not confirmation.cancelled() and confirmation.exception() is None
+
+
+def _is_nack(exc: BaseException | None) -> bool:
+    """aiormq's error for a nack; a return (`PublishError`) is one of its kind, but says the
+    route is missing, not that the broker refuses this channel."""
+    return isinstance(exc, aiormq.exceptions.DeliveryError) and not isinstance(
+        exc, aiormq.exceptions.PublishError
+    )
+
+
+def _was_refused(message: Outgoing) -> bool:
+    confirmation = message.confirmation
+    return (
+        confirmation.done() and not confirmation.cancelled() and _is_nack(confirmation.exception())
+    )
 
 
 def _failure(message: Outgoing, timeout_s: float) -> PublishFailedError | None:

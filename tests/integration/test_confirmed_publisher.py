@@ -21,6 +21,7 @@ from conftest import Services
 from infra.broker import connect
 from infra.confirmed_publisher import ConfirmedPublisher, Publication, PublishFailedError
 from infra.publish_rounds import can_write_frames
+from infra.refusals import RefusalWatch
 
 
 @contextlib.contextmanager
@@ -420,3 +421,44 @@ async def test_publish_many_cancelled_after_a_confirm_still_reports_it(
             await connection.close()
             await proxy.cut()
             await channel.queue_delete(name)
+
+
+async def test_a_channel_the_broker_refuses_everything_on_is_replaced(
+    amqp: AbstractRobustConnection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After refusals in a row (a RabbitMQ cluster before 3.12.5 can refuse every publish on
+    a channel whose first publish met a dying quorum leader), the publisher gives up its
+    channel; aio-pika opens a new one and publishing goes on. Returns do not count."""
+    full = f"cpt_full_{uuid.uuid4().hex[:8]}"
+    ok = f"cpt_ok_{uuid.uuid4().hex[:8]}"
+    async with amqp.channel() as channel:
+        await channel.declare_queue(
+            full, auto_delete=False, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        await channel.declare_queue(ok, auto_delete=False)
+        watch = RefusalWatch(refusals=3, refused_for_s=0.0)
+        publisher = await ConfirmedPublisher.open(amqp, timeout_s=10, refusals=watch)
+        try:
+            first = cast(aiormq.Channel, await publisher._channel.get_underlay_channel())
+            for n in range(5):  # returned, not refused
+                with pytest.raises(PublishFailedError, match="PublishError"):
+                    await publisher.publish("", "cpt-no-such-queue", b"{}", message_id=f"r{n}")
+            for n in range(2):
+                with pytest.raises(PublishFailedError, match="DeliveryError"):
+                    await publisher.publish("", full, b"{}", message_id=f"a{n}")
+            assert not first.is_closed and "opening a new one" not in caplog.text
+            batch = [Publication("", full, b"{}", f"b{n}") for n in range(2)]
+            assert all(result is not None for result in await publisher.publish_many(batch))
+
+            async def replaced() -> bool:
+                return first.is_closed
+
+            await wait_for(replaced, what="the refused channel closed")
+            assert "refused every publish on channel" in caplog.text
+            await publisher.publish("", ok, b"{}", message_id="after")  # on the new channel
+            second = await publisher._channel.get_underlay_channel()
+            assert second is not first and not second.is_closed
+        finally:
+            await publisher.close()
+            await channel.queue_delete(full)
+            await channel.queue_delete(ok)
