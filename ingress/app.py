@@ -54,9 +54,12 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready while a webhook can be taken: the broker confirms, or the spool has room."""
     if request.app[DRAINING].is_set():
         return web.json_response({"status": "draining: stopping soon"}, status=503)
-    if request.app[BROKER].is_ready:
+    spool, broker_ready = request.app[SPOOL], request.app[BROKER].is_ready
+    if spool.stalled and (spool.waiting or not broker_ready):  # webhooks need the spool now
+        return web.json_response({"status": "the spool's disk is not answering"}, status=503)
+    if broker_ready:
         return web.json_response({"status": "ready"})
-    if request.app[SPOOL].has_room:
+    if spool.has_room:
         return web.json_response({"status": "ready", "spooling": True})
     return web.json_response({"status": "broker not connected and spool full"}, status=503)
 

@@ -29,6 +29,9 @@ HEADER = struct.Struct(">4sII")  # magic, payload length, CRC-32 of the payload
 SEGMENT_BYTES = 64 * 1024 * 1024
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # over twice CALLPIPE_MAX_BODY_BYTES' limit, with headers
 READ_WINDOW_BYTES = 4 * 1024 * 1024  # read at a time while draining (a larger record: whole)
+# How long an append waits for the disk; a write that takes longer means the disk is stalled
+# (a hung network volume, say): appends are refused (503) until it answers.
+WRITE_TIMEOUT_S = 5.0
 
 
 class SpoolUnavailableError(Exception):
@@ -92,6 +95,12 @@ def read_records(data: bytes, start: int = 0) -> tuple[list[tuple[int, bytes]], 
     return records, offset
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark a future's exception as seen: it was given up on already."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _read_window(file: BinaryIO, offset: int, available: int) -> bytes:
     """Up to `READ_WINDOW_BYTES` of the `available` bytes at `offset`, and at least the whole
     record that starts there: one larger than the window is read in one piece, not skipped."""
@@ -117,6 +126,7 @@ class Spool:
         self._write_segment = 0
         self._write_size = 0  # durable bytes of the segment being written
         self._directory_unsynced = False  # the segment being written may vanish in a power cut
+        self._writing_since: float | None = None  # monotonic time the current write began
         self._sizes: dict[int, int] = {}  # durable size of every segment still on disk
         self._pending: list[tuple[bytes, float, asyncio.Future[None]]] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -180,7 +190,10 @@ class Spool:
     # ---- appending -------------------------------------------------------------------------
 
     async def append(self, message: SpooledMessage) -> None:
-        """Return once `message` is on disk (fsynced); `SpoolUnavailableError` if it cannot be."""
+        """Return once `message` is on disk (fsynced); `SpoolUnavailableError` if it cannot be,
+        or not within `WRITE_TIMEOUT_S` (it may still be written, and then sent)."""
+        if self.stalled:
+            raise SpoolUnavailableError("the spool's disk is not answering")
         record = message.encode()
         if self.bytes + len(record) + self._pending_bytes() > self.max_bytes:
             raise SpoolUnavailableError(f"spool is full ({self.max_bytes} bytes)")
@@ -188,7 +201,13 @@ class Spool:
         self._pending.append((record, message.spooled_at, done))
         if self._flushing is None:
             self._flushing = asyncio.create_task(self._flush(), name="spool-flush")
-        await done
+        await asyncio.wait({done}, timeout=WRITE_TIMEOUT_S)
+        if not done.done():
+            done.add_done_callback(_retrieve)  # its outcome is nobody's now
+            raise SpoolUnavailableError(
+                f"the spool's disk did not answer within {WRITE_TIMEOUT_S:g}s"
+            )
+        done.result()
 
     def _pending_bytes(self) -> int:
         return sum(len(record) for record, _, _ in self._pending)
@@ -200,6 +219,7 @@ class Spool:
                 batch, self._pending = self._pending, []
                 data = b"".join(record for record, _, _ in batch)
                 sync_directory = self._directory_unsynced
+                self._writing_since = time.monotonic()
                 try:
                     await asyncio.to_thread(self._write, data, sync_directory)
                 except OSError as exc:
@@ -208,6 +228,8 @@ class Spool:
                         if not done.done():
                             done.set_exception(SpoolUnavailableError(f"spool write failed: {exc}"))
                     continue
+                finally:
+                    self._writing_since = None
                 if sync_directory:
                     self._directory_unsynced = False
                 self._write_size += len(data)
@@ -306,6 +328,12 @@ class Spool:
     def waiting(self) -> int:
         """Messages on disk or being written: a new one must queue up behind them."""
         return len(self._times) + len(self._pending)
+
+    @property
+    def stalled(self) -> bool:
+        """A write has waited for the disk longer than an append may."""
+        since = self._writing_since
+        return since is not None and time.monotonic() - since > WRITE_TIMEOUT_S
 
     @property
     def has_room(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,40 @@ async def test_a_segment_whose_directory_entry_failed_to_sync_is_synced_by_its_f
     await spool.append(message(3))
     assert len(directory_syncs) == 2  # once is enough
     assert [m.message_id for m in await drain_all(spool)] == [f"acme:{n}:start" for n in (1, 2, 3)]
+    spool.close()
+
+
+async def test_a_stalled_disk_refuses_in_time_and_the_late_write_still_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that does not answer (a hung network volume): the append gives up after
+    WRITE_TIMEOUT_S, later appends are refused at once, and once the disk answers the
+    late record is on disk and the spool takes webhooks again."""
+    monkeypatch.setattr(spool_module, "WRITE_TIMEOUT_S", 0.3)
+    disk_answers = threading.Event()
+    write = Spool._write
+
+    def stalled(self: Spool, data: bytes, sync_directory: bool) -> None:
+        disk_answers.wait(timeout=30)
+        write(self, data, sync_directory)
+
+    spool = opened(tmp_path)
+    monkeypatch.setattr(Spool, "_write", stalled)
+    try:
+        with pytest.raises(SpoolUnavailableError, match=r"did not answer within 0\.3s"):
+            await spool.append(message(1))
+        assert spool.stalled and spool.messages == 0
+        with pytest.raises(SpoolUnavailableError, match="not answering"):
+            await spool.append(message(2))
+    finally:
+        disk_answers.set()
+
+    async def written() -> bool:
+        return spool.messages == 1 and not spool.stalled
+
+    await wait_for(written, what="the late write on disk")
+    await spool.append(message(3))
+    assert [m.message_id for m in await drain_all(spool)] == ["acme:1:start", "acme:3:start"]
     spool.close()
 
 
