@@ -1,17 +1,23 @@
 """Test helpers: waiting on conditions, taking what a queue holds, a TCP proxy that plays a
-failing network, and a trigger that makes PostgreSQL refuse one call."""
+failing network, a spool disk that stalls, and a trigger that makes PostgreSQL refuse one
+call."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import aio_pika
 import asyncpg
+import pytest
 from aio_pika.abc import AbstractIncomingMessage
+
+import ingress.spool as spool_module
+from ingress.spool import Spool
 
 T = TypeVar("T")
 
@@ -46,6 +52,27 @@ async def take_queued(amqp_url: str, queue_name: str, taken: list[AbstractIncomi
             while (message := await queue.get(fail=False)) is not None:
                 await message.ack()
                 taken.append(message)
+
+
+@contextlib.contextmanager
+def stalled_spool_disk(
+    monkeypatch: pytest.MonkeyPatch, timeout_s: float
+) -> Iterator[threading.Event]:
+    """Every spool write waits until the event yielded is set (at the latest when the block
+    ends, failing or not), as on a hung network volume; an append gives up after `timeout_s`."""
+    monkeypatch.setattr(spool_module, "WRITE_TIMEOUT_S", timeout_s)
+    disk_answers = threading.Event()
+    write = Spool._write
+
+    def stalled(self: Spool, data: bytes, sync_directory: bool) -> None:
+        disk_answers.wait(timeout=30)
+        write(self, data, sync_directory)
+
+    monkeypatch.setattr(Spool, "_write", stalled)
+    try:
+        yield disk_answers
+    finally:
+        disk_answers.set()
 
 
 async def refuse_call(

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,14 +17,12 @@ import aiohttp
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.test_utils import TestClient, TestServer
-from callpipe_testing import TcpProxy, take_queued, wait_for
+from callpipe_testing import TcpProxy, stalled_spool_disk, take_queued, wait_for
 from conftest import Services, make_settings
 
-import ingress.spool as spool_module
 from infra.broker import delete_topology
 from infra.settings import Settings
 from ingress.app import BROKER, SPOOL, init_app
-from ingress.spool import Spool
 from schemas import codec
 from schemas.topology import Topology
 
@@ -197,24 +194,13 @@ async def test_a_spool_disk_that_stalls_is_503_and_not_ready_until_it_answers(
 ) -> None:
     """The broker is away and the spool's disk hangs (a network volume): a webhook gets 503
     in WRITE_TIMEOUT_S rather than hanging, and /readyz sends the balancer elsewhere."""
-    monkeypatch.setattr(spool_module, "WRITE_TIMEOUT_S", 0.3)
-    disk_answers = threading.Event()
-    write = Spool._write
-
-    def stalled(self: Spool, data: bytes, sync_directory: bool) -> None:
-        disk_answers.wait(timeout=30)
-        write(self, data, sync_directory)
-
-    monkeypatch.setattr(Spool, "_write", stalled)
     await broker_proxy.cut()
-    try:
+    with stalled_spool_disk(monkeypatch, timeout_s=0.3):
         started = time.monotonic()
         response = await proxied_client.post("/roistat/tok-acme/call-start", data=CALL)
         assert response.status == 503 and time.monotonic() - started < 5
         ready = await proxied_client.get("/readyz")
         assert ready.status == 503 and "not answering" in (await ready.json())["status"]
-    finally:
-        disk_answers.set()
 
     async def ready_again() -> bool:
         return (await proxied_client.get("/readyz")).status == 200

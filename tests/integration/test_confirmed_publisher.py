@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -36,6 +36,24 @@ def writer_stopped(channel: aiormq.Channel) -> Iterator[None]:
         yield
     finally:
         channel.write_queue = real_queue
+
+
+@contextlib.asynccontextmanager
+async def full_and_ok_queues(amqp: AbstractRobustConnection) -> AsyncIterator[tuple[str, str]]:
+    """Two queues of this test's own, deleted after, failing or not: one that refuses every
+    publish (x-max-length 0, reject-publish: a nack), and one that takes them."""
+    full = f"cpt_full_{uuid.uuid4().hex[:8]}"
+    ok = f"cpt_ok_{uuid.uuid4().hex[:8]}"
+    async with amqp.channel() as channel:
+        await channel.declare_queue(
+            full, auto_delete=False, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        await channel.declare_queue(ok, auto_delete=False)
+        try:
+            yield full, ok
+        finally:
+            await channel.queue_delete(full)
+            await channel.queue_delete(ok)
 
 
 async def test_concurrent_duplicates_to_an_unroutable_route_all_fail(
@@ -111,13 +129,7 @@ async def test_a_nack_and_a_return_fail_only_their_own_publish(
 ) -> None:
     """In one round: a full queue (reject-publish) nacks, an unroutable route returns, and
     the messages around them are confirmed."""
-    full = f"cpt_full_{uuid.uuid4().hex[:8]}"
-    ok = f"cpt_ok_{uuid.uuid4().hex[:8]}"
-    async with amqp.channel() as channel:
-        await channel.declare_queue(
-            full, auto_delete=False, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
-        )
-        await channel.declare_queue(ok, auto_delete=False)
+    async with full_and_ok_queues(amqp) as (full, ok):
         publisher = await ConfirmedPublisher.open(amqp, timeout_s=10)
         try:
             routes = {f"m{i}": (full, ok, "cpt-no-such-queue")[i % 3] for i in range(30)}
@@ -133,8 +145,6 @@ async def test_a_nack_and_a_return_fail_only_their_own_publish(
             assert "DeliveryError" in str(results[0]) and "PublishError" in str(results[2])
         finally:
             await publisher.close()
-            await channel.queue_delete(full)
-            await channel.queue_delete(ok)
 
 
 async def test_no_confirm_in_time_fails_the_publish_and_the_next_one_goes_through(
@@ -224,13 +234,8 @@ async def test_publish_many_confirms_each_and_fails_only_its_own(
 ) -> None:
     """One batch: a full queue nacks, an unroutable mandatory message returns, an id twice in
     the batch is published twice (one at a time), and the rest arrive as sent."""
-    full = f"cpt_full_{uuid.uuid4().hex[:8]}"
-    ok = f"cpt_ok_{uuid.uuid4().hex[:8]}"
-    async with amqp.channel() as channel:
-        await channel.declare_queue(
-            full, auto_delete=False, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
-        )
-        queue = await channel.declare_queue(ok, auto_delete=False)
+    async with full_and_ok_queues(amqp) as (full, ok), amqp.channel() as channel:
+        queue = await channel.get_queue(ok)
         publisher = await ConfirmedPublisher.open(amqp, timeout_s=10)
         try:
             routes = {f"m{i}": (full, ok, "cpt-no-such-queue")[i % 3] for i in range(30)}
@@ -257,8 +262,6 @@ async def test_publish_many_confirms_each_and_fails_only_its_own(
             assert received == {**expected, "same": [b'{"again": 1}'] * 2}
         finally:
             await publisher.close()
-            await channel.queue_delete(full)
-            await channel.queue_delete(ok)
 
 
 async def test_publish_many_without_a_confirm_in_time_fails_each_and_the_next_goes(
@@ -429,13 +432,7 @@ async def test_a_channel_the_broker_refuses_everything_on_is_replaced(
     """After refusals in a row (a RabbitMQ cluster before 3.12.5 can refuse every publish on
     a channel whose first publish met a dying quorum leader), the publisher gives up its
     channel; aio-pika opens a new one and publishing goes on. Returns do not count."""
-    full = f"cpt_full_{uuid.uuid4().hex[:8]}"
-    ok = f"cpt_ok_{uuid.uuid4().hex[:8]}"
-    async with amqp.channel() as channel:
-        await channel.declare_queue(
-            full, auto_delete=False, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
-        )
-        await channel.declare_queue(ok, auto_delete=False)
+    async with full_and_ok_queues(amqp) as (full, ok):
         watch = RefusalWatch(refusals=3, refused_for_s=0.0)
         publisher = await ConfirmedPublisher.open(amqp, timeout_s=10, refusals=watch)
         try:
@@ -460,5 +457,3 @@ async def test_a_channel_the_broker_refuses_everything_on_is_replaced(
             assert second is not first and not second.is_closed
         finally:
             await publisher.close()
-            await channel.queue_delete(full)
-            await channel.queue_delete(ok)

@@ -205,19 +205,25 @@ async def test_unroutable_webhook_is_spooled_and_arrives_once_its_queue_is_back(
     assert all(m.body == codec.dumps(CALL) for m in found)
 
 
+async def make_call_start_queue_small(amqp: AbstractRobustConnection, topology: Topology) -> None:
+    """Replace `{ns}.call-start` with a quorum queue of one message that refuses more
+    (x-overflow=reject-publish): the broker nacks a publish to it while it is full."""
+    async with amqp.channel() as channel:
+        await channel.queue_delete(topology.call_queue("start"))
+        small = await channel.declare_queue(
+            topology.call_queue("start"),
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "reject-publish"},
+        )
+        await small.bind(topology.webhooks_exchange, "*.call.start")
+
+
 async def test_a_nacked_publish_is_spooled_and_every_200_arrives(
     client: Client, settings: Settings, amqp: AbstractRobustConnection
 ) -> None:
     """A full queue (x-overflow=reject-publish) nacks: the spool holds what it refused."""
     topology: Topology = settings.topology
-    async with amqp.channel() as channel:
-        await channel.queue_delete(topology.call_queue("start"))
-        full = await channel.declare_queue(
-            topology.call_queue("start"),
-            durable=True,
-            arguments={"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "reject-publish"},
-        )
-        await full.bind(topology.webhooks_exchange, "*.call.start")
+    await make_call_start_queue_small(amqp, topology)
     answers = []
     for n in range(4):
         body = codec.dumps({**CALL, "id": str(n)})
@@ -245,14 +251,8 @@ async def test_a_refused_head_of_the_spool_is_tried_alone(
     does not send the webhooks behind it again every round: each reaches its queue at most
     twice (once in the round that found the refusal, once after), not once per round."""
     topology: Topology = settings.topology
+    await make_call_start_queue_small(amqp, topology)
     async with amqp.channel() as channel:
-        await channel.queue_delete(topology.call_queue("start"))
-        full = await channel.declare_queue(
-            topology.call_queue("start"),
-            durable=True,
-            arguments={"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "reject-publish"},
-        )
-        await full.bind(topology.webhooks_exchange, "*.call.start")
         exchange = await channel.get_exchange(topology.webhooks_exchange)
         fillers = 0
         while fillers < 5:  # until the queue refuses one: a quorum queue may take one more

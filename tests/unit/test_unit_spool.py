@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 
 import pytest
-from callpipe_testing import wait_for
+from callpipe_testing import stalled_spool_disk, wait_for
 
 import ingress.spool as spool_module
 from ingress.spool import (
@@ -181,24 +180,13 @@ async def test_a_stalled_disk_refuses_in_time_and_the_late_write_still_counts(
     """A disk that does not answer (a hung network volume): the append gives up after
     WRITE_TIMEOUT_S, later appends are refused at once, and once the disk answers the
     late record is on disk and the spool takes webhooks again."""
-    monkeypatch.setattr(spool_module, "WRITE_TIMEOUT_S", 0.3)
-    disk_answers = threading.Event()
-    write = Spool._write
-
-    def stalled(self: Spool, data: bytes, sync_directory: bool) -> None:
-        disk_answers.wait(timeout=30)
-        write(self, data, sync_directory)
-
     spool = opened(tmp_path)
-    monkeypatch.setattr(Spool, "_write", stalled)
-    try:
+    with stalled_spool_disk(monkeypatch, timeout_s=0.3):
         with pytest.raises(SpoolUnavailableError, match=r"did not answer within 0\.3s"):
             await spool.append(message(1))
         assert spool.stalled and spool.messages == 0
         with pytest.raises(SpoolUnavailableError, match="not answering"):
             await spool.append(message(2))
-    finally:
-        disk_answers.set()
 
     async def written() -> bool:
         return spool.messages == 1 and not spool.stalled
