@@ -218,10 +218,9 @@ class Spool:
             while self._pending:
                 batch, self._pending = self._pending, []
                 data = b"".join(record for record, _, _ in batch)
-                sync_directory = self._directory_unsynced
                 self._writing_since = time.monotonic()
                 try:
-                    await asyncio.to_thread(self._write, data, sync_directory)
+                    await asyncio.to_thread(self._write, data, self._directory_unsynced)
                 except OSError as exc:
                     log.error("spool %s: write failed: %r", self.directory, exc)
                     for _, _, done in batch:
@@ -230,8 +229,7 @@ class Spool:
                     continue
                 finally:
                     self._writing_since = None
-                if sync_directory:
-                    self._directory_unsynced = False
+                self._directory_unsynced = False  # synced with that write, if it was not
                 self._write_size += len(data)
                 self._sizes[self._write_segment] = self._write_size
                 for _, spooled_at, done in batch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,7 +28,7 @@ DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interfa
 BOT_TOKEN = re.compile(r"\d+:[A-Za-z0-9_-]+")
 CHAT_ID = re.compile(r"-?\d+|@[A-Za-z][A-Za-z0-9_]{3,}")
 MAX_ANSWER_BYTES = 1024 * 1024
-MARK_SENT_TRIES = 3
+STORE_TRIES = 3  # a write the alert's fate hangs on, ~1.5 s in all
 
 
 class TelegramSinkConfig(SinkConfig):
@@ -216,38 +217,27 @@ class TelegramSink:
     async def _release(self, key: AlertKey) -> None:
         """The alert was surely not sent: release its claim, trying hard, since a claim left
         behind reads as "may have arrived" once its lease is over, and is never sent."""
-        for attempt in range(1, MARK_SENT_TRIES + 1):
-            try:
-                await self._store.release(key)
-                return
-            except DATABASE_ERRORS:
-                if attempt == MARK_SENT_TRIES:
-                    raise
-                await asyncio.sleep(0.5 * attempt)
+        await _tried_hard(lambda: self._store.release(key))
 
     async def _note_sent(
         self, key: AlertKey, message_id: int, text: str, followed_up_by: str | None
     ) -> None:
         """The alert is in the chat: note it, trying hard, since a retry would not resend it."""
-        for attempt in range(1, MARK_SENT_TRIES + 1):
-            try:
-                await self._store.mark_sent(
-                    key, self._config.chat_id, message_id, text, followed_up_by
-                )
-                return
-            except DATABASE_ERRORS as exc:
-                if attempt == MARK_SENT_TRIES:
-                    # Sent once, and never again; its follow-up is lost, and this caller's
-                    # other follow-ups wait until its claim's lease is over.
-                    log.error(
-                        "telegram %s: alert for call %s sent (message %d) but not noted: %r",
-                        self._config.name,
-                        key.call_id,
-                        message_id,
-                        exc,
-                    )
-                    return
-                await asyncio.sleep(0.5 * attempt)
+        chat_id = self._config.chat_id
+        try:
+            await _tried_hard(
+                lambda: self._store.mark_sent(key, chat_id, message_id, text, followed_up_by)
+            )
+        except DATABASE_ERRORS as exc:
+            # Sent once, and never again; its follow-up is lost, and this caller's other
+            # follow-ups wait until its claim's lease is over.
+            log.error(
+                "telegram %s: alert for call %s sent (message %d) but not noted: %r",
+                self._config.name,
+                key.call_id,
+                message_id,
+                exc,
+            )
 
     async def _follow_up(self, project: str, call: dict[str, Any]) -> DeliveryResult:
         caller, answered_at = call.get("caller"), _time(call.get("called_at"))
@@ -294,6 +284,18 @@ class TelegramSink:
 
     async def close(self) -> None:
         await self._api.close()
+
+
+async def _tried_hard(write: Callable[[], Awaitable[None]]) -> None:
+    """`write`, tried up to STORE_TRIES times with a growing pause; the last error is raised."""
+    for attempt in range(1, STORE_TRIES + 1):
+        try:
+            await write()
+            return
+        except DATABASE_ERRORS:
+            if attempt == STORE_TRIES:
+                raise
+            await asyncio.sleep(0.5 * attempt)
 
 
 def _time(value: Any) -> datetime | None:
