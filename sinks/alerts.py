@@ -9,17 +9,30 @@ from typing import Any
 
 import asyncpg
 
-# One statement: a new call is claimed; a call whose earlier attempt surely failed is claimed
-# again; anything else (sending, sent, unknown) is left as it is.
+# An alert goes through two states before it is settled: 'claimed' (this delivery owns it,
+# nothing sent yet) and 'sending' (its request may be out). The holder of a claim is told
+# from a later one by its `claimed_at`, which every step checks and moves on.
+
+# One statement: a new call is claimed; so is a call whose earlier attempt surely failed, and
+# one whose claim's holder stopped before sending (nothing went out). Anything else (claimed
+# within its lease, sending, sent, unknown) is left as it is.
 CLAIM = """
 INSERT INTO telegram_alerts AS a (sink, project, call_id, caller, called_at, state, claimed_at)
-VALUES ($1, $2, $3, $4, $5, 'sending', clock_timestamp())
-ON CONFLICT (sink, project, call_id) DO UPDATE SET state = 'sending', claimed_at = clock_timestamp()
+VALUES ($1, $2, $3, $4, $5, 'claimed', clock_timestamp())
+ON CONFLICT (sink, project, call_id) DO UPDATE SET state = 'claimed', claimed_at = clock_timestamp()
     WHERE a.state = 'failed'
-RETURNING state
+       OR (a.state = 'claimed' AND a.claimed_at < clock_timestamp() - $6::interval)
+RETURNING claimed_at
 """
 
-# A claim older than the lease belongs to a sink that stopped mid-send: whether Telegram got
+# The holder is about to call Telegram: from now on the alert may arrive.
+START_SENDING = """
+UPDATE telegram_alerts SET state = 'sending', claimed_at = clock_timestamp()
+WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'claimed' AND claimed_at = $4
+RETURNING claimed_at
+"""
+
+# A send older than the lease belongs to a sink that stopped mid-send: whether Telegram got
 # the message is unknowable, so it is never sent again.
 EXPIRE_CLAIM = """
 UPDATE telegram_alerts SET state = 'unknown'
@@ -30,9 +43,17 @@ RETURNING state
 
 STATE = "SELECT state FROM telegram_alerts WHERE sink = $1 AND project = $2 AND call_id = $3"
 
-SET_STATE = """
-UPDATE telegram_alerts SET state = $4
-WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'sending'
+# Telegram surely did not get it: a later delivery may claim it again.
+RELEASE = """
+UPDATE telegram_alerts SET state = 'failed'
+WHERE sink = $1 AND project = $2 AND call_id = $3
+  AND state IN ('claimed', 'sending') AND claimed_at = $4
+"""
+
+# Telegram may have got it: never send it again.
+ABANDON = """
+UPDATE telegram_alerts SET state = 'unknown'
+WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'sending' AND claimed_at = $4
 """
 
 MARK_SENT = """
@@ -53,12 +74,13 @@ ORDER BY called_at
 LIMIT 1
 """
 
-# An alert of this caller in the window is being sent right now: its follow-up must wait.
-# Not for a claim older than the lease: that send was cut off (or sent but never noted), and
-# waiting for it would hold the caller's follow-ups for good.
+# An alert of this caller in the window is claimed or being sent right now (it may not have
+# seen the answered call): its follow-up must wait. Not for a claim older than the lease: that
+# send was cut off (or sent but never noted), and waiting for it would hold the caller's
+# follow-ups for good.
 SENDING_IN_WINDOW = """
 SELECT count(*) FROM telegram_alerts
-WHERE sink = $1 AND project = $2 AND caller = $3 AND state = 'sending'
+WHERE sink = $1 AND project = $2 AND caller = $3 AND state IN ('claimed', 'sending')
   AND called_at < $4 AND called_at >= $4 - $5::interval
   AND claimed_at >= clock_timestamp() - $6::interval
 """
@@ -74,8 +96,14 @@ RETURNING call_id, chat_id, message_id, alert_text
 """
 
 
+# How long the holder of a claim may take to look up the callback before it starts sending
+# (the pool's command timeout): a claim left longer was dropped, and is taken over.
+CLAIM_LEASE = timedelta(seconds=30)
+
+
 class Claim(enum.Enum):
-    CLAIMED = "claimed"  # this delivery sends the alert
+    """Why an alert was not claimed."""
+
     SETTLED = "settled"  # sent already, or abandoned as unknown: nothing to send
     BUSY = "busy"  # another delivery is sending it right now
     CUT_OFF = "cut-off"  # an attempt stopped mid-send: it may or may not have arrived
@@ -89,6 +117,14 @@ class AlertKey:
 
 
 @dataclass(frozen=True)
+class Held:
+    """This delivery's claim on an alert, told from a later claim by `since`."""
+
+    key: AlertKey
+    since: datetime
+
+
+@dataclass(frozen=True)
 class OpenAlert:
     call_id: str
     chat_id: str
@@ -97,19 +133,34 @@ class OpenAlert:
 
 
 class AlertStore:
-    def __init__(self, pool: asyncpg.Pool, lease: timedelta) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, lease: timedelta, claim_lease: timedelta = CLAIM_LEASE
+    ) -> None:
         self._pool = pool
-        self._lease = lease
+        self._lease = lease  # of a send
+        self._claim_lease = claim_lease
 
-    async def claim(self, key: AlertKey, caller: str | None, called_at: datetime | None) -> Claim:
+    async def claim(
+        self, key: AlertKey, caller: str | None, called_at: datetime | None
+    ) -> Held | Claim:
         async with self._pool.acquire() as conn:
             args = (key.sink, key.project, key.call_id)
-            if await conn.fetchval(CLAIM, *args, caller, called_at) is not None:
-                return Claim.CLAIMED
+            since = await conn.fetchval(CLAIM, *args, caller, called_at, self._claim_lease)
+            if since is not None:
+                return Held(key, since)
             if await conn.fetchval(EXPIRE_CLAIM, *args, self._lease) is not None:
                 return Claim.CUT_OFF
             state = await conn.fetchval(STATE, *args)
-        return Claim.BUSY if state == "sending" else Claim.SETTLED
+        return Claim.BUSY if state in ("claimed", "sending") else Claim.SETTLED
+
+    async def start_sending(self, held: Held) -> Held | None:
+        """Note that the request is about to go out; None if the claim was taken over."""
+        key = held.key
+        async with self._pool.acquire() as conn:
+            since = await conn.fetchval(
+                START_SENDING, key.sink, key.project, key.call_id, held.since
+            )
+        return None if since is None else Held(key, since)
 
     async def mark_sent(
         self,
@@ -154,17 +205,18 @@ class AlertStore:
             )
         return bool(count)
 
-    async def release(self, key: AlertKey) -> None:
+    async def release(self, held: Held) -> None:
         """Telegram surely did not get it: a later delivery may claim it again."""
-        await self._set_state(key, "failed")
+        await self._settle(RELEASE, held)
 
-    async def abandon(self, key: AlertKey) -> None:
+    async def abandon(self, held: Held) -> None:
         """Telegram may have got it: never send it again."""
-        await self._set_state(key, "unknown")
+        await self._settle(ABANDON, held)
 
-    async def _set_state(self, key: AlertKey, state: str) -> None:
+    async def _settle(self, statement: str, held: Held) -> None:
+        key = held.key
         async with self._pool.acquire() as conn:
-            await conn.execute(SET_STATE, key.sink, key.project, key.call_id, state)
+            await conn.execute(statement, key.sink, key.project, key.call_id, held.since)
 
     async def claim_follow_ups(
         self,

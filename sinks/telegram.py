@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import aiohttp
@@ -17,7 +18,7 @@ from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 
 from infra.masking import mask_phone
 from schemas import codec
-from sinks.alerts import AlertKey, AlertStore, Claim
+from sinks.alerts import AlertKey, AlertStore, Claim, Held
 from sinks.config import SinkConfig
 from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater
 from sinks.telegram_text import followed_up_text, missed_call_text
@@ -29,6 +30,8 @@ BOT_TOKEN = re.compile(r"\d+:[A-Za-z0-9_-]+")
 CHAT_ID = re.compile(r"-?\d+|@[A-Za-z][A-Za-z0-9_]{3,}")
 MAX_ANSWER_BYTES = 1024 * 1024
 STORE_TRIES = 3  # a write the alert's fate hangs on, ~1.5 s in all
+
+T = TypeVar("T")
 
 
 class TelegramSinkConfig(SinkConfig):
@@ -182,15 +185,14 @@ class TelegramSink:
         caller, missed_at = call.get("caller"), _time(call.get("called_at"))
         callback = None
         if caller and missed_at is not None:
-            try:
-                callback = await self._store.answered_callback(
-                    project, caller, missed_at, self._window
-                )
-            except DATABASE_ERRORS:
-                await self._release(key)  # nothing was sent: the retry claims it again
-                raise
+            callback = await self._before_sending(
+                claim, self._store.answered_callback(project, caller, missed_at, self._window)
+            )
         if callback is not None:
             text = followed_up_text(text, callback, self._tz)
+        sending = await self._before_sending(claim, self._store.start_sending(claim))
+        if sending is None:
+            return RetryLater("the claim on this alert lapsed and was taken over")
         answer = await self._api.call(
             "sendMessage",
             {"chat_id": self._config.chat_id, "text": text, "disable_web_page_preview": True},
@@ -207,17 +209,28 @@ class TelegramSink:
             )
             return Done()
         if answer.sent is None:
-            await self._store.abandon(key)
+            await self._store.abandon(sending)
             return GiveUp(f"{answer.error}: the alert may have arrived, so it is not sent again")
-        await self._release(key)
+        await self._release(sending)
         if answer.may_retry:
             return RetryLater(answer.error, answer.retry_after_s)
         return GiveUp(answer.error)
 
-    async def _release(self, key: AlertKey) -> None:
-        """The alert was surely not sent: release its claim, trying hard, since a claim left
-        behind reads as "may have arrived" once its lease is over, and is never sent."""
-        await _tried_hard(lambda: self._store.release(key))
+    async def _before_sending(self, claim: Held, step: Awaitable[T]) -> T:
+        """A database step between the claim and the send: when it fails, nothing was sent,
+        so the claim is released for the retry (or, if the database is away for longer, taken
+        over once its lease is over)."""
+        try:
+            return await step
+        except DATABASE_ERRORS:
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await self._release(claim)
+            raise
+
+    async def _release(self, held: Held) -> None:
+        """The alert was surely not sent: release its claim, trying hard, so that the retry
+        can send it at once."""
+        await _tried_hard(lambda: self._store.release(held))
 
     async def _note_sent(
         self, key: AlertKey, message_id: int, text: str, followed_up_by: str | None

@@ -8,6 +8,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -23,7 +24,9 @@ from sink_testing import FakeServer, RunningSinks, envelope, publish_events
 from infra.broker import plain_headers
 from infra.settings import Settings
 from schemas import codec
+from sinks.alerts import AlertKey, AlertStore, Claim, Held
 from sinks.telegram import BotApi, TelegramSinkConfig
+from workers.storage import create_pool
 
 TOKEN = "123456:TEST-token"
 
@@ -437,3 +440,88 @@ async def test_a_claim_past_its_lease_does_not_hold_the_callers_follow_ups(
 
     await wait_for(edited, what="the noted alert followed up")
     assert "being sent" not in caplog.text
+
+
+async def test_a_claim_left_before_the_send_is_taken_over_and_sent(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    bot: tuple[FakeBotApi, str],
+    db: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database fails after the claim and stays away while the claim would be released:
+    the claim is left behind. Nothing was sent, so once its lease is over a retry takes it
+    over and sends the alert, instead of giving it up as one that "may have arrived"."""
+    fake, url = bot
+    schema = f'"{settings.namespace}"'
+    await db.execute(f"ALTER TABLE {schema}.calls RENAME TO calls_away")
+    await db.execute(
+        f"CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'updates refused by the test'; END $$;"
+        f" CREATE TRIGGER refuse_updates BEFORE UPDATE ON {schema}.telegram_alerts"
+        f" FOR EACH ROW EXECUTE FUNCTION {schema}.refuse()"
+    )
+    try:
+        config = telegram(url, retry_delays_s=[0.5], max_attempts=100)
+        await sinks.start(settings, [config])
+        await publish_events(amqp, settings, [envelope("c1")])
+
+        async def left_claimed() -> bool:
+            state = await db.fetchval(
+                f"SELECT state FROM {schema}.telegram_alerts WHERE call_id = 'c1'"
+            )
+            return state == "claimed" and "database: UndefinedTableError" in caplog.text
+
+        await wait_for(left_claimed, what="the claim left behind by the failed attempt")
+    finally:
+        await db.execute(f"DROP TRIGGER IF EXISTS refuse_updates ON {schema}.telegram_alerts")
+        await db.execute(f"ALTER TABLE IF EXISTS {schema}.calls_away RENAME TO calls")
+    assert fake.sent() == []
+    # Its lease is over (30 s), as if its holder had stopped long ago.
+    await db.execute(
+        f"UPDATE {schema}.telegram_alerts SET claimed_at = claimed_at - interval '1 hour'"
+        " WHERE call_id = 'c1'"
+    )
+
+    async def alerted() -> bool:
+        state: str = await db.fetchval(f"SELECT state FROM {schema}.telegram_alerts")
+        return state == "sent"
+
+    await wait_for(alerted, what="the alert sent by the retry that took the claim over")
+    assert [payload["text"].count("call c1") for payload in fake.sent()] == [1]
+
+
+async def test_a_claim_taken_over_is_no_longer_its_first_holders(
+    settings: Settings, db: asyncpg.Pool
+) -> None:
+    """Two deliveries of one alert, the first one stalled past its claim's lease: only the
+    one holding the claim now may send, release or abandon it; while it is claimed, the
+    caller's follow-ups wait."""
+    pool = await create_pool(settings.database_url, settings.namespace, max_size=2)
+    try:
+        store = AlertStore(pool, lease=timedelta(minutes=1), claim_lease=timedelta(seconds=30))
+        key = AlertKey("missed", "acme", "t1")
+        called_at = datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
+        first = await store.claim(key, "+79990009911", called_at)
+        assert isinstance(first, Held)
+        assert await store.claim(key, "+79990009911", called_at) is Claim.BUSY
+        assert await store.alert_being_sent(
+            "missed", "acme", "+79990009911", called_at + timedelta(minutes=5), timedelta(hours=1)
+        )
+        await pool.execute("UPDATE telegram_alerts SET claimed_at = claimed_at - interval '1 h'")
+        second = await store.claim(key, "+79990009911", called_at)
+        assert isinstance(second, Held) and second.since != first.since
+
+        assert await store.start_sending(first) is None
+        await store.release(first)
+        assert await pool.fetchval("SELECT state FROM telegram_alerts") == "claimed"
+        sending = await store.start_sending(second)
+        assert sending is not None
+        await store.abandon(second)  # the claim moved on when the send began
+        assert await pool.fetchval("SELECT state FROM telegram_alerts") == "sending"
+        await store.release(sending)
+        assert await pool.fetchval("SELECT state FROM telegram_alerts") == "failed"
+        assert isinstance(await store.claim(key, "+79990009911", called_at), Held)
+    finally:
+        await pool.close()
