@@ -3,57 +3,68 @@
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-# An alert goes through two states before it is settled: 'claimed' (this delivery owns it,
-# nothing sent yet) and 'sending' (its request may be out). The holder of a claim is told
-# from a later one by its `claimed_at`, which every step checks and moves on.
+# An alert is 'sending' from its claim until it is settled ('sent', 'failed', 'unknown'). The
+# holder of a claim names it with a `claim_id` of its own, which every later step checks; its
+# `request_at` stays NULL until the request to Telegram is about to go out, so a claim left
+# behind before that (the sink stopped, or the database failed and stayed away) is surely
+# unsent. A row with no `claim_id` was claimed by a sink from before 0006, which may be
+# sending it now: it is treated as one whose request is out.
 
 # One statement: a new call is claimed; so is a call whose earlier attempt surely failed, and
-# one whose claim's holder stopped before sending (nothing went out). Anything else (claimed
-# within its lease, sending, sent, unknown) is left as it is.
+# one whose holder stopped before its request went out, once its claim lease is over.
+# Anything else (claimed within its lease, request out, sent, unknown) is left as it is.
 CLAIM = """
-INSERT INTO telegram_alerts AS a (sink, project, call_id, caller, called_at, state, claimed_at)
-VALUES ($1, $2, $3, $4, $5, 'claimed', clock_timestamp())
-ON CONFLICT (sink, project, call_id) DO UPDATE SET state = 'claimed', claimed_at = clock_timestamp()
-    WHERE a.state = 'failed'
-       OR (a.state = 'claimed' AND a.claimed_at < clock_timestamp() - $6::interval)
-RETURNING claimed_at
+INSERT INTO telegram_alerts AS a
+    (sink, project, call_id, caller, called_at, state, claimed_at, claim_id)
+VALUES ($1, $2, $3, $4, $5, 'sending', clock_timestamp(), $6)
+ON CONFLICT (sink, project, call_id) DO UPDATE
+SET state = 'sending', claimed_at = clock_timestamp(), claim_id = $6, request_at = NULL
+WHERE a.state = 'failed'
+   OR (a.state = 'sending' AND a.claim_id IS NOT NULL AND a.request_at IS NULL
+       AND a.claimed_at < clock_timestamp() - $7::interval)
+RETURNING claim_id
 """
 
-# The holder is about to call Telegram: from now on the alert may arrive.
+# The holder is about to call Telegram: from now on the alert may arrive. Not once its claim
+# lease is over: another delivery may have taken the claim over (or may do so any moment),
+# and the callback the holder looked up may be stale.
 START_SENDING = """
-UPDATE telegram_alerts SET state = 'sending', claimed_at = clock_timestamp()
-WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'claimed' AND claimed_at = $4
-RETURNING claimed_at
+UPDATE telegram_alerts SET request_at = clock_timestamp(), claimed_at = clock_timestamp()
+WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'sending' AND claim_id = $4
+  AND request_at IS NULL AND claimed_at >= clock_timestamp() - $5::interval
+RETURNING claim_id
 """
 
-# A send older than the lease belongs to a sink that stopped mid-send: whether Telegram got
+# A request older than the lease belongs to a sink that stopped mid-send: whether Telegram got
 # the message is unknowable, so it is never sent again.
 EXPIRE_CLAIM = """
 UPDATE telegram_alerts SET state = 'unknown'
 WHERE sink = $1 AND project = $2 AND call_id = $3
   AND state = 'sending' AND claimed_at < clock_timestamp() - $4::interval
+  AND (request_at IS NOT NULL OR claim_id IS NULL)
 RETURNING state
 """
 
 STATE = "SELECT state FROM telegram_alerts WHERE sink = $1 AND project = $2 AND call_id = $3"
 
-# Telegram surely did not get it: a later delivery may claim it again.
+# Telegram surely did not get it: a later delivery may claim it again. The claim's id goes,
+# so that a sink from before 0006 claiming it again is not taken for a new one.
 RELEASE = """
-UPDATE telegram_alerts SET state = 'failed'
-WHERE sink = $1 AND project = $2 AND call_id = $3
-  AND state IN ('claimed', 'sending') AND claimed_at = $4
+UPDATE telegram_alerts SET state = 'failed', claim_id = NULL, request_at = NULL
+WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'sending' AND claim_id = $4
 """
 
 # Telegram may have got it: never send it again.
 ABANDON = """
 UPDATE telegram_alerts SET state = 'unknown'
-WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'sending' AND claimed_at = $4
+WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'sending' AND claim_id = $4
 """
 
 MARK_SENT = """
@@ -77,10 +88,10 @@ LIMIT 1
 # An alert of this caller in the window is claimed or being sent right now (it may not have
 # seen the answered call): its follow-up must wait. Not for a claim older than the lease: that
 # send was cut off (or sent but never noted), and waiting for it would hold the caller's
-# follow-ups for good.
+# follow-ups for good. (A claim whose request is not out yet lapses sooner, see START_SENDING.)
 SENDING_IN_WINDOW = """
 SELECT count(*) FROM telegram_alerts
-WHERE sink = $1 AND project = $2 AND caller = $3 AND state IN ('claimed', 'sending')
+WHERE sink = $1 AND project = $2 AND caller = $3 AND state = 'sending'
   AND called_at < $4 AND called_at >= $4 - $5::interval
   AND claimed_at >= clock_timestamp() - $6::interval
 """
@@ -96,9 +107,10 @@ RETURNING call_id, chat_id, message_id, alert_text
 """
 
 
-# How long the holder of a claim may take to look up the callback before it starts sending
-# (the pool's command timeout): a claim left longer was dropped, and is taken over.
-CLAIM_LEASE = timedelta(seconds=30)
+# How long the holder of a claim may take from its claim to its request (a callback lookup,
+# a little more than the pool's command timeout): a claim older than that cannot send any
+# more, and is taken over by the next delivery.
+CLAIM_LEASE = timedelta(seconds=45)
 
 
 class Claim(enum.Enum):
@@ -118,10 +130,10 @@ class AlertKey:
 
 @dataclass(frozen=True)
 class Held:
-    """This delivery's claim on an alert, told from a later claim by `since`."""
+    """This delivery's claim on an alert."""
 
     key: AlertKey
-    since: datetime
+    claim_id: uuid.UUID
 
 
 @dataclass(frozen=True)
@@ -145,22 +157,25 @@ class AlertStore:
     ) -> Held | Claim:
         async with self._pool.acquire() as conn:
             args = (key.sink, key.project, key.call_id)
-            since = await conn.fetchval(CLAIM, *args, caller, called_at, self._claim_lease)
-            if since is not None:
-                return Held(key, since)
+            held = Held(key, uuid.uuid4())
+            claimed = await conn.fetchval(
+                CLAIM, *args, caller, called_at, held.claim_id, self._claim_lease
+            )
+            if claimed is not None:
+                return held
             if await conn.fetchval(EXPIRE_CLAIM, *args, self._lease) is not None:
                 return Claim.CUT_OFF
             state = await conn.fetchval(STATE, *args)
-        return Claim.BUSY if state in ("claimed", "sending") else Claim.SETTLED
+        return Claim.BUSY if state == "sending" else Claim.SETTLED
 
-    async def start_sending(self, held: Held) -> Held | None:
-        """Note that the request is about to go out; None if the claim was taken over."""
+    async def start_sending(self, held: Held) -> bool:
+        """Note that the request is about to go out; False if the claim lapsed meanwhile."""
         key = held.key
         async with self._pool.acquire() as conn:
-            since = await conn.fetchval(
-                START_SENDING, key.sink, key.project, key.call_id, held.since
+            noted = await conn.fetchval(
+                START_SENDING, key.sink, key.project, key.call_id, held.claim_id, self._claim_lease
             )
-        return None if since is None else Held(key, since)
+        return noted is not None
 
     async def mark_sent(
         self,
@@ -216,7 +231,7 @@ class AlertStore:
     async def _settle(self, statement: str, held: Held) -> None:
         key = held.key
         async with self._pool.acquire() as conn:
-            await conn.execute(statement, key.sink, key.project, key.call_id, held.since)
+            await conn.execute(statement, key.sink, key.project, key.call_id, held.claim_id)
 
     async def claim_follow_ups(
         self,

@@ -190,9 +190,8 @@ class TelegramSink:
             )
         if callback is not None:
             text = followed_up_text(text, callback, self._tz)
-        sending = await self._before_sending(claim, self._store.start_sending(claim))
-        if sending is None:
-            return RetryLater("the claim on this alert lapsed and was taken over")
+        if not await self._before_sending(claim, self._store.start_sending(claim)):
+            return RetryLater("the claim on this alert lapsed before its request went out")
         answer = await self._api.call(
             "sendMessage",
             {"chat_id": self._config.chat_id, "text": text, "disable_web_page_preview": True},
@@ -209,9 +208,9 @@ class TelegramSink:
             )
             return Done()
         if answer.sent is None:
-            await self._store.abandon(sending)
+            await self._store.abandon(claim)
             return GiveUp(f"{answer.error}: the alert may have arrived, so it is not sent again")
-        await self._release(sending)
+        await self._release(claim)
         if answer.may_retry:
             return RetryLater(answer.error, answer.retry_after_s)
         return GiveUp(answer.error)

@@ -468,17 +468,19 @@ async def test_a_claim_left_before_the_send_is_taken_over_and_sent(
         await publish_events(amqp, settings, [envelope("c1")])
 
         async def left_claimed() -> bool:
-            state = await db.fetchval(
-                f"SELECT state FROM {schema}.telegram_alerts WHERE call_id = 'c1'"
+            claim_id = await db.fetchval(
+                f"SELECT claim_id FROM {schema}.telegram_alerts WHERE call_id = 'c1'"
             )
-            return state == "claimed" and "database: UndefinedTableError" in caplog.text
+            return claim_id is not None and "database: UndefinedTableError" in caplog.text
 
         await wait_for(left_claimed, what="the claim left behind by the failed attempt")
     finally:
         await db.execute(f"DROP TRIGGER IF EXISTS refuse_updates ON {schema}.telegram_alerts")
         await db.execute(f"ALTER TABLE IF EXISTS {schema}.calls_away RENAME TO calls")
     assert fake.sent() == []
-    # Its lease is over (30 s), as if its holder had stopped long ago.
+    # Retries meanwhile find it claimed (a BEFORE UPDATE trigger fires only on a row that
+    # changes, and a claim changes nothing then). Now its lease is over, as if its holder had
+    # stopped long ago.
     await db.execute(
         f"UPDATE {schema}.telegram_alerts SET claimed_at = claimed_at - interval '1 hour'"
         " WHERE call_id = 'c1'"
@@ -495,33 +497,66 @@ async def test_a_claim_left_before_the_send_is_taken_over_and_sent(
 async def test_a_claim_taken_over_is_no_longer_its_first_holders(
     settings: Settings, db: asyncpg.Pool
 ) -> None:
-    """Two deliveries of one alert, the first one stalled past its claim's lease: only the
-    one holding the claim now may send, release or abandon it; while it is claimed, the
-    caller's follow-ups wait."""
+    """Two deliveries of one alert, the first one stalled past its claim's lease: the first
+    may no longer send, release or abandon it, the one holding the claim now may; while it
+    is claimed the caller's follow-ups wait; a lost answer to the start of the send still
+    lets its holder release it."""
     pool = await create_pool(settings.database_url, settings.namespace, max_size=2)
     try:
         store = AlertStore(pool, lease=timedelta(minutes=1), claim_lease=timedelta(seconds=30))
-        key = AlertKey("missed", "acme", "t1")
+        key, caller = AlertKey("missed", "acme", "t1"), "+79990009911"
         called_at = datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
-        first = await store.claim(key, "+79990009911", called_at)
+
+        async def state() -> tuple[str, bool]:
+            row = await pool.fetchrow("SELECT state, request_at FROM telegram_alerts")
+            assert row is not None
+            return row["state"], row["request_at"] is not None
+
+        first = await store.claim(key, caller, called_at)
         assert isinstance(first, Held)
-        assert await store.claim(key, "+79990009911", called_at) is Claim.BUSY
+        assert await store.claim(key, caller, called_at) is Claim.BUSY
         assert await store.alert_being_sent(
-            "missed", "acme", "+79990009911", called_at + timedelta(minutes=5), timedelta(hours=1)
+            "missed", "acme", caller, called_at + timedelta(minutes=5), timedelta(hours=1)
         )
         await pool.execute("UPDATE telegram_alerts SET claimed_at = claimed_at - interval '1 h'")
-        second = await store.claim(key, "+79990009911", called_at)
-        assert isinstance(second, Held) and second.since != first.since
+        assert not await store.start_sending(first)  # lapsed, though no one took it over yet
+        second = await store.claim(key, caller, called_at)
+        assert isinstance(second, Held) and second.claim_id != first.claim_id
 
-        assert await store.start_sending(first) is None
         await store.release(first)
-        assert await pool.fetchval("SELECT state FROM telegram_alerts") == "claimed"
-        sending = await store.start_sending(second)
-        assert sending is not None
-        await store.abandon(second)  # the claim moved on when the send began
-        assert await pool.fetchval("SELECT state FROM telegram_alerts") == "sending"
-        await store.release(sending)
-        assert await pool.fetchval("SELECT state FROM telegram_alerts") == "failed"
-        assert isinstance(await store.claim(key, "+79990009911", called_at), Held)
+        await store.abandon(first)
+        assert await state() == ("sending", False)
+        assert await store.start_sending(second)
+        await store.release(first)
+        assert await state() == ("sending", True)
+        # The answer to the start of the send was lost: its holder sent nothing, and says so.
+        await store.release(second)
+        assert await state() == ("failed", False)
+        third = await store.claim(key, caller, called_at)
+        assert isinstance(third, Held)
+        assert await store.start_sending(third)
+        await store.abandon(third)
+        assert await state() == ("unknown", True)
+        assert await store.claim(key, caller, called_at) is Claim.SETTLED
+    finally:
+        await pool.close()
+
+
+async def test_a_claim_of_a_sink_from_before_0006_is_not_taken_over(
+    settings: Settings, db: asyncpg.Pool
+) -> None:
+    """During a rolling upgrade, a row claimed by an older sink (no claim id) may be mid-send:
+    it is busy until its send lease is over, then "may have arrived", as it always was."""
+    pool = await create_pool(settings.database_url, settings.namespace, max_size=2)
+    try:
+        store = AlertStore(pool, lease=timedelta(minutes=1), claim_lease=timedelta(seconds=30))
+        key = AlertKey("missed", "acme", "o1")
+        await pool.execute(
+            "INSERT INTO telegram_alerts (sink, project, call_id, state, claimed_at)"
+            " VALUES ('missed', 'acme', 'o1', 'sending', now() - interval '40 s')"
+        )
+        assert await store.claim(key, None, None) is Claim.BUSY
+        await pool.execute("UPDATE telegram_alerts SET claimed_at = now() - interval '2 min'")
+        assert await store.claim(key, None, None) is Claim.CUT_OFF
     finally:
         await pool.close()

@@ -1,14 +1,12 @@
--- A Telegram alert is first 'claimed' (nothing sent yet), and 'sending' only from just before
--- its request goes out. A claim whose holder stopped before that is surely not sent, so a
--- later delivery takes it over once its lease is over; only a 'sending' one past its lease
--- reads as "may have arrived". Applied inside the namespace's schema.
+-- A Telegram alert's claim gets an id of its holder's own, and the moment its request to
+-- Telegram went out: a claim left behind before that (the sink stopped, or PostgreSQL failed
+-- and stayed away) is surely unsent, so a later delivery takes it over instead of giving the
+-- alert up as one that "may have arrived". Both stay NULL on rows claimed before this
+-- migration, which keep their old meaning (the request may be out). The state stays
+-- 'sending' from the claim on, as sinks from before this migration expect during a rolling
+-- upgrade. Applied inside the namespace's schema.
 
--- The ALTER takes the table's strongest lock for a moment; behind a long transaction it
--- gives up after 2 s instead of stalling the sinks, and the migration is retried.
-SET LOCAL lock_timeout = '2s';
-
--- Every existing row passed the stricter check this replaces, so it is not rescanned.
+-- No default: PostgreSQL adds the columns without rewriting the table.
 ALTER TABLE telegram_alerts
-    DROP CONSTRAINT telegram_alerts_state_check,
-    ADD CONSTRAINT telegram_alerts_state_check
-        CHECK (state IN ('claimed', 'sending', 'sent', 'failed', 'unknown')) NOT VALID;
+    ADD COLUMN claim_id uuid,
+    ADD COLUMN request_at timestamptz;
