@@ -174,3 +174,43 @@ async def test_call_events_compress_the_webhook_and_its_event_with_lz4_where_it_
         ("event", expected),
         ("payload", expected),
     ]
+
+
+async def test_0006_gives_up_behind_a_long_reader_and_applies_once_it_is_gone(
+    db: asyncpg.Pool,
+) -> None:
+    """A BI query holding `telegram_alerts` open: 0006 gives up after its lock timeout (the
+    migration is retried) instead of queueing every sink behind the query."""
+    name = f"cpt_{uuid.uuid4().hex[:12]}"
+    before = [path for path in sorted(MIGRATIONS_DIR.glob("*.sql")) if path.stem < "0006"]
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(f'CREATE SCHEMA "{name}"')
+        await conn.execute(f'SET LOCAL search_path TO "{name}"')
+        await conn.execute(
+            "CREATE TABLE schema_migrations ("
+            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for path in before:
+            await conn.execute(path.read_text(encoding="utf-8"))
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.stem)
+    try:
+        async with db.acquire() as reader, db.acquire() as migrator:
+            reading = reader.transaction()
+            await reading.start()
+            try:
+                await reader.execute(f'SELECT count(*) FROM "{name}".telegram_alerts')
+                with pytest.raises(asyncpg.LockNotAvailableError):
+                    await migrate(migrator, name)
+            finally:
+                await reading.rollback()
+            assert await migrate(migrator, name) == ["0006_telegram_alerts_claimed"]
+            columns = await migrator.fetch(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = $1 AND table_name = 'telegram_alerts'"
+                " AND column_name IN ('claim_id', 'request_at') ORDER BY column_name",
+                name,
+            )
+            assert [row["column_name"] for row in columns] == ["claim_id", "request_at"]
+    finally:
+        async with db.acquire() as conn:
+            await drop_schema(conn, name)

@@ -6,6 +6,10 @@
 -- 'sending' from the claim on, as sinks from before this migration expect during a rolling
 -- upgrade. Applied inside the namespace's schema.
 
+-- The ALTER takes the table's strongest lock for a moment; behind a long transaction (a BI
+-- query) it gives up after 2 s instead of stalling every sink, and the migration is retried.
+SET LOCAL lock_timeout = '2s';
+
 -- No default: PostgreSQL adds the columns without rewriting the table.
 ALTER TABLE telegram_alerts
     ADD COLUMN claim_id uuid,
