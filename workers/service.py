@@ -14,6 +14,7 @@ from infra.retry import CLOSE_TIMEOUT_S, StoppedError, close_quietly
 from infra.settings import Settings
 from schemas.topology import Kind
 from workers.consumer import PARALLEL_BATCHES, CallConsumer
+from workers.end_queue import CallEndQueue
 from workers.errors import RetryPolicy
 from workers.health import WorkerMonitor
 from workers.metrics import KindMetrics
@@ -73,8 +74,10 @@ async def _start(
         settings.amqp_url, name=f"callpipe-worker-{kind}-publish", stop=stop
     )
     resources.push_async_callback(close_quietly, publish_conn.close)
-    # A connection per batch in flight, one for the relay, one for the stale sweep.
-    pool = await create_pool(settings.database_url, settings.namespace, PARALLEL_BATCHES + 2)
+    # A connection per batch in flight, two for the relay (fresh events, and its sweep for
+    # left-over ones), and one for the stale sweep of a start worker.
+    connections = PARALLEL_BATCHES + 2 + (1 if kind == "start" else 0)
+    pool = await create_pool(settings.database_url, settings.namespace, connections)
     resources.push_async_callback(close_quietly, pool.close)
 
     channel = await consume_conn.channel()
@@ -100,7 +103,11 @@ async def _start(
         # Calls whose end never came are found by each start worker: no process to add for
         # ops, and replicas sweep side by side (rows are taken with SKIP LOCKED).
         sweeper = StaleSweeper(
-            PostgresStaleStore(pool), events, settings.stale_after_min, settings.stale_sweep_s
+            PostgresStaleStore(pool),
+            events,
+            CallEndQueue(publish_conn, topology.call_queue("end")),
+            settings.stale_after_min,
+            settings.stale_sweep_s,
         )
         start_sweeping(sweeper, stop, resources, settings.shutdown_timeout_s)
     consumer = CallConsumer(

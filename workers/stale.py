@@ -45,6 +45,12 @@ class EventPublisher(Protocol):
     async def publish_event(self, event: dict[str, Any]) -> None: ...
 
 
+class EndProgress(Protocol):
+    """The port that tells whether `worker end` has caught up (workers/end_queue.py)."""
+
+    async def why_wait(self) -> str | None: ...
+
+
 class StaleStore(Protocol):
     """The storage port of the sweep."""
 
@@ -57,6 +63,7 @@ class StaleStore(Protocol):
 class StaleSweeper:
     store: StaleStore
     events: EventPublisher
+    ends: EndProgress
     after_min: int
     every_s: float
     batch_size: int = BATCH_SIZE
@@ -73,12 +80,28 @@ class StaleSweeper:
                 return total
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Sweep now and every `every_s` until `stop`; a failed sweep is retried next time."""
+        """Sweep every `every_s` until `stop`; a failed sweep is retried next time.
+
+        A sweep needs `worker end` caught up at this look and at the one before: while call
+        ends wait in their queue, their calls are not stale, only late, and the ends a worker
+        held at the first look have had an interval to be stored."""
+        caught_up = False  # at the look before
+        waiting = False
         while not stop.is_set():
             try:
-                marked = await self.sweep(stop)
-                if marked:
-                    log.info("%d calls without their end marked stale", marked)
+                if (why := await self.ends.why_wait()) is not None:
+                    # Said once when the waiting begins; every sweep it holds back at DEBUG.
+                    level = logging.DEBUG if waiting else logging.INFO
+                    log.log(level, "stale sweep waits: %s", why)
+                    waiting, caught_up = True, False
+                elif not caught_up:
+                    if waiting:
+                        log.info("stale sweep resumes: call ends are caught up")
+                    waiting, caught_up = False, True
+                else:
+                    marked = await self.sweep(stop)
+                    if marked:
+                        log.info("%d calls without their end marked stale", marked)
             except (TransientError, PermanentError) as exc:
                 log.warning("stale sweep failed (next in %gs): %s", self.every_s, exc)
             except Exception:

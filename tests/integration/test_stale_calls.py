@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import Counter
 from typing import Any
 
+import aio_pika
 import asyncpg
 import pytest
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.test_utils import TestClient
 from callpipe_testing import wait_for
 from conftest import Collector, Services, Workers, make_settings
@@ -19,6 +21,7 @@ from infra.broker import connect
 from infra.confirmed_publisher import ConfirmedPublisher
 from infra.settings import Settings
 from schemas import codec
+from workers.end_queue import CallEndQueue
 from workers.publishing import AmqpEventPublisher
 from workers.stale import build_stale_event
 from workers.stale_store import PostgresStaleStore
@@ -278,3 +281,74 @@ async def test_call_events_take_the_stale_kind_and_no_other(
     await db.execute(insert, "acme:k:stale", "stale")
     with pytest.raises(asyncpg.CheckViolationError):
         await db.execute(insert, "acme:k:other", "other")
+
+
+async def test_calls_whose_end_waits_in_its_queue_are_not_marked(
+    client: Client,
+    services: Services,
+    settings: Settings,
+    db: asyncpg.Pool,
+    amqp: AbstractRobustConnection,
+    workers: Workers,
+    subscribe: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`worker end` down for longer than `CALLPIPE_STALE_AFTER_MIN`: the call ends wait in
+    `{ns}.call-end` and the starts look stale, but the sweep waits. Once `worker end` is back
+    and has caught up, only the call whose end never came is marked."""
+    caplog.set_level(logging.DEBUG, logger="workers.stale")
+    # A sweep a second: an end handed to `worker end` has a second to be stored.
+    slower = make_settings(services, settings.namespace, stale_after_min=1, stale_sweep_s=1.0)
+    stale: Collector = await subscribe(settings.topology.events_exchange, "call.stale")
+    workers.start(slower, "start")
+    await post(client, "start", start("late"))
+    await post(client, "start", start("lonely"))
+    await wait_published(db, settings, "acme:late:start", "acme:lonely:start")
+    await post(client, "end", end("late"))  # no `worker end`: it waits in its queue
+    await age_starts(db, settings, "late", "lonely")
+    aged_at = len(caplog.records)
+
+    async def held_back_twice() -> bool:
+        records = caplog.records[aged_at:]
+        waits = [r for r in records if r.getMessage().startswith("stale sweep waits")]
+        return len(waits) >= 2
+
+    await wait_for(held_back_twice, what="two sweeps held back after the starts aged")
+    assert set((await stale_rows(db, settings)).values()) == {None}
+
+    workers.start(slower, "end")
+    await wait_events(stale, 1, "the stale event of the call whose end never came")
+    await stale.settle(amqp, settings.topology.events_exchange, "call.stale")
+    assert [message.message_id for message in stale.messages] == ["acme:lonely:stale"]
+    rows = await stale_rows(db, settings)
+    assert rows["late"] is None and rows["lonely"] is not None
+
+
+async def test_the_end_queue_tells_why_the_sweep_waits(
+    settings: Settings, amqp: AbstractRobustConnection
+) -> None:
+    queue_name = settings.topology.call_queue("end")
+    ends = CallEndQueue(amqp, queue_name)
+    assert await ends.why_wait() == f"no worker end consumes {queue_name}"
+    async with amqp.channel() as channel:
+        await channel.set_qos(prefetch_count=1)
+        queue = await channel.get_queue(queue_name)
+        held: list[AbstractIncomingMessage] = []
+
+        async def hold(message: AbstractIncomingMessage) -> None:
+            held.append(message)  # never acked
+
+        await queue.consume(hold)
+        assert await ends.why_wait() is None
+        for _ in range(2):
+            await channel.default_exchange.publish(aio_pika.Message(b"{}"), queue_name)
+
+        async def one_held() -> bool:
+            return len(held) == 1 and await ends.why_wait() is not None
+
+        await wait_for(one_held, what="one end held by the consumer, one waiting")
+        assert await ends.why_wait() == f"1 call ends wait in {queue_name}"
+    missing = CallEndQueue(amqp, f"{settings.namespace}.no-such-queue")
+    assert await missing.why_wait() == (
+        f"cannot read {settings.namespace}.no-such-queue: ChannelNotFoundEntity"
+    )

@@ -4,6 +4,7 @@ the sweep loop against an in-memory store."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -116,9 +117,21 @@ class FakeEvents:
         self.sent.append(event)
 
 
+class FakeEnds:
+    """`worker end`'s progress: a reason to wait per look, from a script; then caught up."""
+
+    def __init__(self, *waits: str) -> None:
+        self.waits = list(waits)
+        self.looks = 0
+
+    async def why_wait(self) -> str | None:
+        self.looks += 1
+        return self.waits.pop(0) if self.waits else None
+
+
 async def test_one_sweep_takes_batches_until_none_is_due() -> None:
     store, events = FakeStaleStore(due=7), FakeEvents()
-    sweeper = StaleSweeper(store, events, after_min=30, every_s=30, batch_size=3)
+    sweeper = StaleSweeper(store, events, FakeEnds(), after_min=30, every_s=30, batch_size=3)
     assert await sweeper.sweep(asyncio.Event()) == 7
     assert store.calls == [3, 3, 3]
     assert len({event["event_id"] for event in events.sent}) == 7
@@ -127,7 +140,7 @@ async def test_one_sweep_takes_batches_until_none_is_due() -> None:
 
 async def test_a_failed_sweep_is_tried_again_at_the_next_interval() -> None:
     store, events = FakeStaleStore(due=2, failures=2), FakeEvents()
-    sweeper = StaleSweeper(store, events, after_min=30, every_s=0.01)
+    sweeper = StaleSweeper(store, events, FakeEnds(), after_min=30, every_s=0.01)
     stop = asyncio.Event()
     running = asyncio.create_task(sweeper.run(stop))
 
@@ -141,9 +154,38 @@ async def test_a_failed_sweep_is_tried_again_at_the_next_interval() -> None:
 
 
 async def test_a_stop_ends_the_loop_without_waiting_for_the_interval() -> None:
-    sweeper = StaleSweeper(FakeStaleStore(due=0), FakeEvents(), after_min=30, every_s=3600)
+    sweeper = StaleSweeper(
+        FakeStaleStore(due=0), FakeEvents(), FakeEnds(), after_min=30, every_s=3600
+    )
     stop = asyncio.Event()
     running = asyncio.create_task(sweeper.run(stop))
     await asyncio.sleep(0)
     stop.set()
     await asyncio.wait_for(running, timeout=5)
+
+
+async def test_no_call_is_marked_while_call_ends_wait_and_the_wait_is_said_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`worker end` behind: its calls' starts look old, but their ends may be in the queue."""
+    caplog.set_level(logging.INFO, logger="workers.stale")
+    store, events = FakeStaleStore(due=2), FakeEvents()
+    ends = FakeEnds("no worker end consumes x.call-end", "3 call ends wait in x.call-end")
+    sweeper = StaleSweeper(store, events, ends, after_min=30, every_s=0.01)
+    stop = asyncio.Event()
+    running = asyncio.create_task(sweeper.run(stop))
+
+    async def all_sent() -> bool:
+        return len(events.sent) == 2
+
+    await wait_for(all_sent, seconds=5, what="the stale events once call ends are caught up")
+    stop.set()
+    await asyncio.wait_for(running, timeout=5)
+    assert ends.looks >= 3
+    # A sweep after every look but the two waits and the first look caught up.
+    assert len(store.calls) == ends.looks - 3
+    said = [record.getMessage() for record in caplog.records if record.levelno == logging.INFO]
+    assert said[:2] == [
+        "stale sweep waits: no worker end consumes x.call-end",
+        "stale sweep resumes: call ends are caught up",
+    ]
