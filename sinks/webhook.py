@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
+import math
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -74,16 +76,16 @@ def retry_after_seconds(value: str | None, now: datetime) -> float | None:
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return max((moment - now).total_seconds(), 0.0)
+        try:
+            moment = parsedate_to_datetime(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        seconds = (moment - now).total_seconds()
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
 def classify_response(status: int, retry_after: float | None) -> DeliveryResult:
@@ -93,6 +95,16 @@ def classify_response(status: int, retry_after: float | None) -> DeliveryResult:
     if status in RETRYABLE_STATUSES or status >= 500:
         return RetryLater(f"HTTP {status}", retry_after)
     return GiveUp(f"HTTP {status}: the destination refused the event")
+
+
+def network_failure(exc: aiohttp.ClientError) -> str:
+    """Why a request failed, without its URL: a destination's path or query often holds its
+    secret (a Bitrix24 or Zapier hook), and this reason goes to the log and to `{ns}.dead`."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or type(exc.os_error).__name__}"
+    if isinstance(exc, aiohttp.ClientResponseError):  # a malformed answer
+        return f"{type(exc).__name__}: {exc.status} {exc.message}"[:200]
+    return type(exc).__name__
 
 
 class WebhookSink:
@@ -125,14 +137,19 @@ class WebhookSink:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                # Drained (up to a limit), so the connection can be reused.
-                await response.content.read(MAX_ANSWER_BYTES)
                 status = response.status
                 hint = retry_after_seconds(response.headers.get("Retry-After"), now)
+                # The status has answered: a body that stalls or breaks off changes nothing
+                # (a 200 is delivered, a 400 refused). Drained, up to a limit, so that the
+                # connection can be reused.
+                with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                    await response.content.read(MAX_ANSWER_BYTES)
         except TimeoutError:
             return RetryLater(f"no answer within {self._config.timeout_s:g}s")
         except aiohttp.ClientError as exc:
-            return RetryLater(f"{type(exc).__name__}: {exc}")
+            return RetryLater(network_failure(exc))
+        except ValueError as exc:  # aiohttp refused to make the request (a header value)
+            return GiveUp(f"the event cannot be sent as a request: {type(exc).__name__}")
         result = classify_response(status, hint)
         log.debug(
             "webhook %s: event %s -> HTTP %d in %.0f ms",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -21,10 +22,10 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from infra.broker import plain_headers
 from infra.settings import Settings
 from schemas import codec
-from sinks.port import Done, GiveUp
+from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater
 from sinks.service import try_sink
 from sinks.topology import delay_queue
-from sinks.webhook import WebhookSinkConfig
+from sinks.webhook import WebhookSink, WebhookSinkConfig
 
 
 class Receiver:
@@ -388,3 +389,72 @@ async def test_retry_after_is_kept_by_the_delay_queue_across_a_restart(
 
     await wait_for(delivered, what="the delivery after the wait")
     assert seen[1] - seen[0] >= 2.0  # the 2.5 s step, the shortest that honours 2 s
+
+
+@contextlib.asynccontextmanager
+async def raw_destination(answer: bytes, stall_s: float = 0.0) -> AsyncIterator[str]:
+    """A destination that reads the request's head, writes `answer` as it is, then holds the
+    connection open for `stall_s`: an answer's body that never comes, or a malformed one."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+            await asyncio.sleep(stall_s)  # the fake destination stalling, not a wait
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(200, Done()), (400, GiveUp("HTTP 400: the destination refused the event"))],
+)
+async def test_the_status_answers_even_when_the_body_stalls(
+    status: int, expected: DeliveryResult
+) -> None:
+    """The destination sent its status, then no body before the timeout: a 200 is delivered
+    (retrying would send it twice), a 400 refused (retrying would not change it)."""
+    head = f"HTTP/1.1 {status} X\r\ncontent-length: 100\r\n\r\n".encode()
+    async with raw_destination(head, stall_s=2.0) as url:
+        sink = WebhookSink.open(webhook_config(url, new_secret(), timeout_s=0.5))
+        try:
+            assert await sink.deliver(sample_event("b1")) == expected
+        finally:
+            await sink.close()
+
+
+async def test_a_malformed_answer_does_not_put_the_url_in_the_reason() -> None:
+    """A secret in the destination's path (as Bitrix24's hooks have) stays out of the reason
+    that goes to the log and to `{ns}.dead`."""
+    async with raw_destination(b"HTTP/1.1 abc\r\n\r\n") as url:
+        sink = WebhookSink.open(webhook_config(f"{url}/rest/1/SECRETTOKEN", new_secret()))
+        try:
+            result = await sink.deliver(sample_event("m1"))
+        finally:
+            await sink.close()
+    assert isinstance(result, RetryLater)
+    assert "SECRETTOKEN" not in result.reason
+    assert result.reason.startswith("ClientResponseError: 400")
+
+
+async def test_an_event_id_that_cannot_be_a_header_is_given_up_at_once() -> None:
+    async with raw_destination(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n") as url:
+        sink = WebhookSink.open(webhook_config(url, new_secret()))
+        try:
+            result = await sink.deliver(sample_event("bad\ncall"))
+        finally:
+            await sink.close()
+    assert result == GiveUp("the event cannot be sent as a request: ValueError")
+
+
+def sample_event(call_id: str) -> Event:
+    document = envelope(call_id)
+    return Event(codec.dumps(document), document, "call.ended.missed")

@@ -91,6 +91,10 @@ def test_retry_after_seconds() -> None:
     assert retry_after_seconds("Wed, 25 Nov 2026 06:00:00 GMT", now) == 0.0
     assert retry_after_seconds("soon", now) is None
     assert retry_after_seconds(None, now) is None
+    # Odd values are no hint, not an error (an error would retry even a 2xx).
+    assert retry_after_seconds("Feb 99999999999999999999 00:00:00 nan 29", now) is None
+    assert retry_after_seconds("nan", now) is None
+    assert retry_after_seconds("inf", now) is None
 
 
 def test_signature_follows_the_standard_webhooks_spec() -> None:
