@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from schemas.topology import validate_endpoint_name
+from schemas.topology import topic_matches, validate_endpoint_name
 from sinks.retry import DEFAULT_DELAYS_S, DEFAULT_MAX_ATTEMPTS, RetrySchedule
 
 MAX_DELAY_S = 24 * 3600.0
@@ -54,8 +54,12 @@ class SinkConfig(BaseModel):
     def schedule(self) -> RetrySchedule:
         return RetrySchedule(self.retry_delays_s, self.max_attempts)
 
-    def wants(self, project: str) -> bool:
-        return self.projects is None or project in self.projects
+    def wants(self, project: str, routing_key: str) -> bool:
+        """Whether this sink takes an event of `project` with `routing_key`: its queue's
+        bindings choose already, but a replay or a requeue sends straight to the queue."""
+        if self.projects is not None and project not in self.projects:
+            return False
+        return any(topic_matches(key, routing_key) for key in self.binding_keys)
 
 
 def load_sinks_file(path: Path, kinds: Mapping[str, type[SinkConfig]]) -> list[SinkConfig]:

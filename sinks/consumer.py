@@ -19,6 +19,7 @@ from schemas.topology import (
     HEADER_ROUTING_KEY,
     HEADER_SINK,
     Topology,
+    routing_key_of,
 )
 from sinks.config import SinkConfig
 from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater, Sink
@@ -125,7 +126,8 @@ class SinkConsumer:
                 return
 
     async def _deliver(self, event: Event) -> DeliveryResult:
-        if not self._config.wants(event.project):
+        # The routing key of the event itself, whichever way it came.
+        if not self._config.wants(event.project, routing_key_of(event.envelope)):
             return Done()
         try:
             result = await self._sink.deliver(event)

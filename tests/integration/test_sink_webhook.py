@@ -458,3 +458,27 @@ async def test_an_event_id_that_cannot_be_a_header_is_given_up_at_once() -> None
 def sample_event(call_id: str) -> Event:
     document = envelope(call_id)
     return Event(codec.dumps(document), document, "call.ended.missed")
+
+
+async def test_events_sent_straight_to_the_queue_are_filtered_like_bound_ones(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    """A replay (`replay-events --to sink.crm`) or a requeue sends straight to the sink's
+    queue, past its bindings: a sink for call ends must still get no call start."""
+    fake, _, url = receiver
+    await sinks.start(settings, [webhook_config(url, fake.secret, events=["call.ended.*"])])
+    queue = settings.topology.sink_queue("crm")
+    async with amqp.channel(publisher_confirms=True) as channel:
+        for event in (envelope("s1", outcome=None), envelope("s2")):
+            message = aio_pika.Message(codec.dumps(event), message_id=event["event_id"])
+            await channel.default_exchange.publish(message, queue)
+
+    async def ended_arrived() -> bool:
+        return "acme:s2:end" in fake.delivered
+
+    await wait_for(ended_arrived, what="the call end sent straight to the queue")
+    assert await queue_depth(amqp, queue) == 0
+    assert set(fake.attempts) == {"acme:s2:end"}

@@ -136,10 +136,12 @@ chat_id = -1001234567890
     crm, missed = load_sinks(path)
     assert isinstance(crm, WebhookSinkConfig) and isinstance(missed, TelegramSinkConfig)
     assert crm.binding_keys == ("call.ended.*",)
-    assert crm.wants("shop") and not crm.wants("clinic")
+    assert crm.wants("shop", "call.ended.missed") and not crm.wants("clinic", "call.ended.missed")
+    assert not crm.wants("shop", "call.started")
     assert missed.chat_id == "-1001234567890"
     assert missed.binding_keys == ("call.ended.missed", "call.ended.answered")
-    assert missed.wants("anything")
+    assert missed.wants("anything", "call.ended.missed")
+    assert not missed.wants("anything", "call.started")  # not bound: a replay's straight send
     assert "ABC" not in repr(missed) and "0123" not in repr(crm)
 
 
