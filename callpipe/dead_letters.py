@@ -159,12 +159,23 @@ def rejected_row(letter: Letter, now: datetime) -> Row:
     return row(letter, letter.text(HEADER_PROJECT) or "?", rejected_reason(letter), now)
 
 
+def sink_of_queue(queue: str | None, topology: Topology) -> str | None:
+    """The sink whose queue (`{ns}.sink.NAME`) or delay queue (`{ns}.sink.NAME.retry.5s`)
+    this is, if any."""
+    prefix = f"{topology.namespace}.sink."
+    if not queue or not queue.startswith(prefix):
+        return None
+    return queue.removeprefix(prefix).split(".", 1)[0] or None
+
+
 def dead_target(letter: Letter, topology: Topology, now: datetime) -> Target | Keep:
     """Where `callpipe dead requeue` sends a dead letter, or why it keeps it."""
     stamp = {HEADER_REQUEUED_AT: now.isoformat()}
     routing_key = letter.effective_routing_key
     cleaned = without(letter.headers, DEATH_HEADERS | {HEADER_ROUTING_KEY})
-    sink = letter.text(HEADER_SINK)
+    queue = death_queue(letter)
+    # A sink names itself when it gives up; the broker's delivery limit names only the queue.
+    sink = letter.text(HEADER_SINK) or sink_of_queue(queue, topology)
     if sink is not None:
         document = letter.document()
         if not (isinstance(document, dict) and document.get("event_id")):
@@ -179,7 +190,6 @@ def dead_target(letter: Letter, topology: Topology, now: datetime) -> Target | K
         return Target(
             topology.webhooks_exchange, routing_key, letter.message_id, {**cleaned, **stamp}
         )
-    queue = death_queue(letter)
     if queue and queue.startswith(f"{topology.namespace}.sub."):
         headers = {**cleaned, HEADER_ROUTING_KEY: routing_key, **stamp}
         return Target("", queue, letter.message_id, headers)

@@ -192,6 +192,25 @@ def test_a_sinks_event_goes_back_to_its_queue_with_its_attempts_reset() -> None:
     assert isinstance(dead_target(junk, TOPOLOGY, NOW), Keep)
 
 
+@pytest.mark.parametrize("queue", ["ns.sink.crm", "ns.sink.crm.retry.30s"])
+def test_a_sinks_event_the_broker_dead_lettered_goes_back_to_the_sinks_queue(queue: str) -> None:
+    """Past the queue's delivery limit (a sink crashing on it again and again) the broker
+    dead-letters the event with no sink header: its death queue names the sink."""
+    event = codec.dumps({"event_id": "acme:c1:end", "call": {"call_id": "c1"}})
+    dead = letter(
+        body=event,
+        routing_key="call.ended.missed",
+        x_first_death_queue=queue,
+        x_first_death_reason="delivery_limit",
+    )
+    target = dead_target(dead, TOPOLOGY, NOW)
+    assert isinstance(target, Target)
+    assert (target.exchange, target.routing_key) == ("", "ns.sink.crm")
+    assert target.headers["x-callpipe-routing-key"] == "call.ended.missed"
+    other = letter(body=event, routing_key="x", x_first_death_queue="other.sink.crm")
+    assert isinstance(dead_target(other, TOPOLOGY, NOW), Keep)
+
+
 def test_a_subscriptions_event_goes_back_to_its_queue_and_junk_stays() -> None:
     event = letter(routing_key="call.started", x_first_death_queue="ns.sub.bi")
     target = dead_target(event, TOPOLOGY, NOW)
