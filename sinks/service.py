@@ -6,9 +6,11 @@ import asyncio
 import logging
 import uuid
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+from aio_pika.abc import AbstractQueue
 
 from infra.broker import connect, declare_topology, work_queue_arguments
 from infra.confirmed_publisher import ConfirmedPublisher
@@ -36,28 +38,54 @@ async def run_sinks(settings: Settings, configs: list[SinkConfig], stop: asyncio
         return
     async with AsyncExitStack() as resources:
         try:
-            consumers = await _start(settings, configs, stop, resources)
+            started = await _start(settings, configs, stop, resources)
         except StoppedError:
             log.info("sinks stopped while starting")
             return
-        await asyncio.gather(
-            *(consumer.run(stop, settings.shutdown_timeout_s) for consumer in consumers)
-        )
+        # Each sink consumes as soon as it is open: one that waits for PostgreSQL (Telegram's
+        # alerts) holds back no other; its events wait in its queue meanwhile.
+        await asyncio.gather(*(_open_and_run(settings, sink, stop, resources) for sink in started))
     log.info("sinks stopped")
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """A sink whose queue is declared, ready to open and consume."""
+
+    config: SinkConfig
+    queue: AbstractQueue
+    publisher: ConfirmedPublisher
+    shared: SinkResources
+
+
+async def _open_and_run(
+    settings: Settings, declared: _Declared, stop: asyncio.Event, resources: AsyncExitStack
+) -> None:
+    try:
+        sink = await open_sink(declared.config, declared.shared)
+    except StoppedError:
+        return
+    resources.push_async_callback(close_quietly, sink.close)
+    consumer = SinkConsumer(
+        declared.config, sink, declared.queue, declared.publisher, settings.topology
+    )
+    await consumer.run(stop, settings.shutdown_timeout_s)
 
 
 async def _start(
     settings: Settings, configs: list[SinkConfig], stop: asyncio.Event, resources: AsyncExitStack
-) -> list[SinkConsumer]:
+) -> list[_Declared]:
     topology = settings.topology
     pool: asyncpg.Pool | None = None
+    opening = asyncio.Lock()  # sinks open side by side: one pool for all
 
     async def database() -> asyncpg.Pool:
         nonlocal pool
-        if pool is None:
-            await migrate_when_up(settings, stop)
-            pool = await create_pool(settings.database_url, settings.namespace, max_size=4)
-            resources.push_async_callback(close_quietly, pool.close)
+        async with opening:
+            if pool is None:
+                await migrate_when_up(settings, stop)
+                pool = await create_pool(settings.database_url, settings.namespace, max_size=4)
+                resources.push_async_callback(close_quietly, pool.close)
         return pool
 
     # Separate connections: a blocked publisher (broker alarm) must not freeze the acks.
@@ -69,7 +97,7 @@ async def _start(
     shared = SinkResources(database=database, time_zone=settings.time_zone)
 
     await declare_topology(await consume_conn.channel(), topology, bounds_of(settings))
-    consumers = []
+    declared = []
     for config in configs:
         channel = await consume_conn.channel()
         await declare_sink(channel, topology, config)
@@ -82,10 +110,8 @@ async def _start(
             durable=True,
             arguments=work_queue_arguments(topology),
         )
-        sink = await open_sink(config, shared)
-        resources.push_async_callback(close_quietly, sink.close)
-        consumers.append(SinkConsumer(config, sink, queue, publisher, topology))
-    return consumers
+        declared.append(_Declared(config, queue, publisher, shared))
+    return declared
 
 
 def sample_event(now: datetime) -> Event:

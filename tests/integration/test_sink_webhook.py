@@ -15,7 +15,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp import web
 from callpipe_testing import TcpProxy, wait_for
-from conftest import Services
+from conftest import Services, free_port, make_settings
 from sink_testing import FakeServer, RunningSinks, envelope, new_secret, publish_events
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -24,6 +24,7 @@ from infra.settings import Settings
 from schemas import codec
 from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater
 from sinks.service import try_sink
+from sinks.telegram import TelegramSinkConfig
 from sinks.topology import delay_queue
 from sinks.webhook import WebhookSink, WebhookSinkConfig
 
@@ -482,3 +483,32 @@ async def test_events_sent_straight_to_the_queue_are_filtered_like_bound_ones(
     await wait_for(ended_arrived, what="the call end sent straight to the queue")
     assert await queue_depth(amqp, queue) == 0
     assert set(fake.attempts) == {"acme:s2:end"}
+
+
+async def test_a_sink_waiting_for_the_database_holds_back_no_other(
+    services: Services,
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    """PostgreSQL unreachable: the Telegram sink cannot open (its alerts live there), and
+    the webhook sink, which needs no database, delivers all the same."""
+    fake, _, url = receiver
+    no_database = make_settings(
+        services,
+        settings.namespace,
+        database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+    )
+    missed = TelegramSinkConfig.model_validate(
+        {"name": "missed", "bot_token": "123456:TEST-token", "chat_id": -100123}
+    )
+    await sinks.start(no_database, [missed, webhook_config(url, fake.secret)])
+    await publish_events(amqp, settings, [envelope("w1")])
+
+    async def delivered() -> bool:
+        return "acme:w1:end" in fake.delivered
+
+    await wait_for(delivered, what="the webhook sink's delivery while the database is away")
+    # The Telegram sink's event waits in its queue, for when it can open.
+    assert await queue_depth(amqp, settings.topology.sink_queue("missed")) == 1
