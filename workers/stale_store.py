@@ -7,7 +7,6 @@ from typing import Any
 
 from schemas.events import CallEvent, CallFields
 from schemas.topology import stale_event_id
-from workers.errors import TransientError
 from workers.failpoints import failpoint
 from workers.storage import (
     CLAIM_EVENT,
@@ -49,11 +48,12 @@ class PostgresStaleStore(PostgresCallStore):
         """Mark up to `limit` due calls stale and publish each one's event; the number marked.
 
         One transaction for the batch, committed after the confirms. Each call has its own
-        savepoint: when a publish fails, that call is left for the next sweep, the calls
-        already confirmed are committed (no second event for them), and the error is raised.
+        savepoint: when a call fails (its publish, or anything else), it is left for the next
+        sweep, the calls already confirmed are committed (no second event for them), and the
+        error is raised.
         """
         marked = 0
-        failure: TransientError | None = None
+        failure: Exception | None = None
         async with self._transaction() as conn:
             for due in await conn.fetch(LOCK_DUE, after_min, limit):
                 project, call_id = due["project"], due["call_id"]
@@ -74,7 +74,7 @@ class PostgresStaleStore(PostgresCallStore):
                         await send(event)
                         failpoint("stale.after_confirm", event_id)
                         await conn.execute(SET_EVENT_PUBLISHED, event_id, event)
-                except TransientError as exc:
+                except Exception as exc:
                     failure = exc
                     break
                 marked += 1

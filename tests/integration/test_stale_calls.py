@@ -21,6 +21,7 @@ from infra.broker import connect
 from infra.confirmed_publisher import ConfirmedPublisher
 from infra.settings import Settings
 from schemas import codec
+from schemas.events import CallEvent, CallFields
 from workers.end_queue import CallEndQueue
 from workers.publishing import AmqpEventPublisher
 from workers.stale import build_stale_event
@@ -352,3 +353,43 @@ async def test_the_end_queue_tells_why_the_sweep_waits(
     assert await missing.why_wait() == (
         f"cannot read {settings.namespace}.no-such-queue: ChannelNotFoundEntity"
     )
+
+
+async def test_a_call_that_fails_keeps_the_ones_confirmed_before_it(
+    client: Client,
+    services: Services,
+    settings: Settings,
+    db: asyncpg.Pool,
+    workers: Workers,
+) -> None:
+    """A call of a sweep's batch fails with an error that is not the broker's (here, its
+    event cannot be rendered): the calls whose events were confirmed before it stay marked
+    and published, so the next sweep sends them no second event."""
+    workers.start(make_settings(services, settings.namespace, stale_after_min=10_000), "start")
+    ids = ["first", "second", "third"]
+    for call_id in ids:  # one at a time: the sweep takes them in this order
+        await post(client, "start", start(call_id))
+        await wait_published(db, settings, f"acme:{call_id}:start")
+    await age_starts(db, settings, *ids)
+    sent: list[str] = []
+
+    async def send(event: dict[str, Any]) -> None:
+        sent.append(event["event_id"])
+
+    def render(project: str, call: CallFields, raw: dict[str, Any]) -> CallEvent:
+        if call.call_id == "second":
+            raise ValueError("a row this version cannot render")
+        return build_stale_event(project, call, raw)
+
+    pool = await create_pool(settings.database_url, settings.namespace, 2)
+    try:
+        store = PostgresStaleStore(pool)
+        with pytest.raises(ValueError, match="cannot render"):
+            await store.mark_stale(1, 10, render, send)
+        assert sent == ["acme:first:stale"]
+        rows = await stale_rows(db, settings)
+        assert rows["first"] is not None and rows["second"] is None and rows["third"] is None
+        assert await store.mark_stale(1, 10, build_stale_event, send) == 2
+    finally:
+        await pool.close()
+    assert sent == ["acme:first:stale", "acme:second:stale", "acme:third:stale"]
