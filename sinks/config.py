@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from schemas.topology import topic_matches, validate_endpoint_name
-from sinks.retry import DEFAULT_DELAYS_S, DEFAULT_MAX_ATTEMPTS, RetrySchedule
+from sinks.retry import DEFAULT_DELAYS_S, DEFAULT_MAX_ATTEMPTS, RetrySchedule, delay_label
 
 MAX_DELAY_S = 24 * 3600.0
 
@@ -43,6 +43,16 @@ class SinkConfig(BaseModel):
             raise ValueError("needs at least one delay")
         if any(not 0.05 <= delay <= MAX_DELAY_S for delay in value):
             raise ValueError(f"each delay must lie between 0.05 and {MAX_DELAY_S:g} seconds")
+        # Each delay has a queue named by it (`.retry.30s`): two delays that name the same
+        # queue would ask RabbitMQ for it with two message TTLs, which it refuses.
+        named: dict[str, float] = {}
+        for delay in value:
+            label = delay_label(delay)
+            other = named.setdefault(label, delay)
+            if other != delay:
+                raise ValueError(
+                    f"delays {other!r} and {delay!r} would share one delay queue (.retry.{label})"
+                )
         return value
 
     @property

@@ -163,6 +163,11 @@ def test_no_file_no_sinks() -> None:
             "whole words",
         ),
         ("[[webhook]]\nname='crm'\nurl='http://x'\nsecret='{s}'\nretry_delays_s=[]", "delay"),
+        (
+            "[[webhook]]\nname='crm'\nurl='http://x'\nsecret='{s}'\n"
+            "retry_delays_s=[86399.999, 86400]",
+            "delays 86399.999 and 86400.0 would share one delay queue (.retry.86400s)",
+        ),
         ("[[webhook]]\nname='crm'\nurl='http://x'\nsecret='{s}'\ntypo=1", "typo: Extra inputs"),
         (
             "[[telegram]]\nname='crm'\nbot_token='1:A'\nchat_id=1\n[[webhook]]\nname='crm'\n"
