@@ -36,16 +36,50 @@ async def run_sinks(settings: Settings, configs: list[SinkConfig], stop: asyncio
         log.info("no sinks configured (CALLPIPE_SINKS_FILE): nothing to deliver")
         await stop.wait()
         return
-    async with AsyncExitStack() as resources:
-        try:
-            started = await _start(settings, configs, stop, resources)
-        except StoppedError:
-            log.info("sinks stopped while starting")
-            return
-        # Each sink consumes as soon as it is open: one that waits for PostgreSQL (Telegram's
-        # alerts) holds back no other; its events wait in its queue meanwhile.
-        await asyncio.gather(*(_open_and_run(settings, sink, stop, resources) for sink in started))
+    # Set by `stop`, or by a sink that failed: the others then finish what they hold.
+    stopping = asyncio.Event()
+    following = asyncio.create_task(_set_when_set(stop, stopping), name="sinks-stop")
+    try:
+        async with AsyncExitStack() as resources:
+            try:
+                declared = await _start(settings, configs, stopping, resources)
+            except StoppedError:
+                log.info("sinks stopped while starting")
+                return
+            await _run_side_by_side(settings, declared, stopping, resources)
+    finally:
+        following.cancel()
     log.info("sinks stopped")
+
+
+async def _run_side_by_side(
+    settings: Settings,
+    declared: list[_Declared],
+    stopping: asyncio.Event,
+    resources: AsyncExitStack,
+) -> None:
+    """Each sink consumes as soon as it is open: one that waits for PostgreSQL (Telegram's
+    alerts) holds back no other; its events wait in its queue meanwhile. When one fails, the
+    others stop too and finish, and its error is raised once all have."""
+    runs = [
+        asyncio.create_task(
+            _open_and_run(settings, sink, stopping, resources), name=f"sink-{sink.config.name}"
+        )
+        for sink in declared
+    ]
+    try:
+        await asyncio.wait(runs, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        stopping.set()
+        outcomes = await asyncio.gather(*runs, return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+
+
+async def _set_when_set(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 @dataclass(frozen=True)
