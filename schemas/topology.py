@@ -116,8 +116,9 @@ def event_routing_key(event_type: str, outcome: str | None) -> str:
 
 def routing_key_of(event: Mapping[str, Any]) -> str:
     """The routing key of a stored envelope: `call.started` or `call.ended.<outcome>`."""
-    call = event.get("call") or {}
-    return event_routing_key(str(event.get("type")), call.get("outcome"))
+    call = event.get("call")
+    outcome = call.get("outcome") if isinstance(call, dict) else None
+    return event_routing_key(str(event.get("type")), outcome)
 
 
 def event_id(project: str, call_id: str, kind: Kind) -> str:

@@ -142,6 +142,9 @@ def test_routing_key_of_a_stored_envelope(
         ({"type": "call.ended", "call": {"outcome": "missed"}}, "call.ended.missed"),
         ({"type": "call.ended", "call": None}, "call.ended.unknown"),
         ({"type": "call.ended"}, "call.ended.unknown"),
+        # A hand-made or requeued envelope whose call is not an object: no outcome, no error.
+        ({"type": "call.ended", "call": "c1"}, "call.ended.unknown"),
+        ({"type": "call.ended", "call": ["c1"]}, "call.ended.unknown"),
     ],
 )
 def test_routing_key_of_sparse_envelopes(event: dict[str, Any], routing_key: str) -> None:
