@@ -3,13 +3,14 @@
 A call start only looks stale once every call end that came before has been stored. While
 call ends wait in `{ns}.call-end` (a `worker end` down, or behind), or no `worker end`
 consumes it, a start's end may be among them: the sweep waits instead of marking the call.
+The broker counts only the ends waiting, not those a worker holds: an end held for longer
+than a sweep interval (retried through a long database outage) is not waited for.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import aio_pika
 from aio_pika.abc import AbstractConnection
 
 # A broker that does not answer the look within this is treated as "cannot tell": wait.
@@ -28,7 +29,7 @@ class CallEndQueue:
                 # A channel of its own: a passive declare of a missing queue closes it.
                 async with self._connection.channel() as channel:
                     queue = await channel.declare_queue(self._queue, passive=True)
-        except (aio_pika.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
+        except Exception as exc:  # a broker away or reconnecting: cannot tell, so wait
             return f"cannot read {self._queue}: {type(exc).__name__}"
         declared = queue.declaration_result
         if declared.consumer_count == 0:

@@ -7,6 +7,7 @@ from typing import Any
 
 from schemas.events import CallEvent, CallFields
 from schemas.topology import stale_event_id
+from workers.errors import TransientError
 from workers.failpoints import failpoint
 from workers.storage import (
     CLAIM_EVENT,
@@ -48,9 +49,10 @@ class PostgresStaleStore(PostgresCallStore):
         """Mark up to `limit` due calls stale and publish each one's event; the number marked.
 
         One transaction for the batch, committed after the confirms. Each call has its own
-        savepoint: when a call fails (its publish, or anything else), it is left for the next
-        sweep, the calls already confirmed are committed (no second event for them), and the
-        error is raised.
+        savepoint: a call that fails is left for the next sweep, and the calls confirmed are
+        committed (no second event for them) before the first error is raised. A failed
+        publish ends the batch (the broker is in trouble); any other error skips that call
+        only, so one call that cannot be marked holds back no other.
         """
         marked = 0
         failure: Exception | None = None
@@ -74,9 +76,12 @@ class PostgresStaleStore(PostgresCallStore):
                         await send(event)
                         failpoint("stale.after_confirm", event_id)
                         await conn.execute(SET_EVENT_PUBLISHED, event_id, event)
-                except Exception as exc:
-                    failure = exc
+                except TransientError as exc:
+                    failure = failure or exc
                     break
+                except Exception as exc:
+                    failure = failure or exc
+                    continue
                 marked += 1
         if failure is not None:
             raise failure
