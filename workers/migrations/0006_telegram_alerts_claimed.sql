@@ -14,3 +14,6 @@ SET LOCAL lock_timeout = '2s';
 ALTER TABLE telegram_alerts
     ADD COLUMN claim_id uuid,
     ADD COLUMN request_at timestamptz;
+
+-- Only for this file: the migrations after it run in the same transaction.
+RESET lock_timeout;
