@@ -41,6 +41,7 @@ from schemas.topology import (
     Topology,
     event_id,
 )
+from sinks.topology import sink_of_queue
 
 # Sent back to `{ns}.webhooks`: the call queues feed the workers, `roistat.rejected` goes
 # back to `{ns}.rejected` (a rejected body the broker dead-lettered), where
@@ -159,15 +160,6 @@ def rejected_row(letter: Letter, now: datetime) -> Row:
     return row(letter, letter.text(HEADER_PROJECT) or "?", rejected_reason(letter), now)
 
 
-def sink_of_queue(queue: str | None, topology: Topology) -> str | None:
-    """The sink whose queue (`{ns}.sink.NAME`) or delay queue (`{ns}.sink.NAME.retry.5s`)
-    this is, if any."""
-    prefix = f"{topology.namespace}.sink."
-    if not queue or not queue.startswith(prefix):
-        return None
-    return queue.removeprefix(prefix).split(".", 1)[0] or None
-
-
 def dead_target(letter: Letter, topology: Topology, now: datetime) -> Target | Keep:
     """Where `callpipe dead requeue` sends a dead letter, or why it keeps it."""
     stamp = {HEADER_REQUEUED_AT: now.isoformat()}
@@ -175,7 +167,7 @@ def dead_target(letter: Letter, topology: Topology, now: datetime) -> Target | K
     cleaned = without(letter.headers, DEATH_HEADERS | {HEADER_ROUTING_KEY})
     queue = death_queue(letter)
     # A sink names itself when it gives up; the broker's delivery limit names only the queue.
-    sink = letter.text(HEADER_SINK) or sink_of_queue(queue, topology)
+    sink = letter.text(HEADER_SINK) or sink_of_queue(topology, queue)
     if sink is not None:
         document = letter.document()
         if not (isinstance(document, dict) and document.get("event_id")):

@@ -20,6 +20,15 @@ def delay_queue(topology: Topology, sink: str, delay_s: float) -> str:
     return f"{topology.sink_queue(sink)}.retry.{delay_label(delay_s)}"
 
 
+def sink_of_queue(topology: Topology, queue: str | None) -> str | None:
+    """The sink whose queue (`{ns}.sink.NAME`) or delay queue (`{ns}.sink.NAME.retry.5s`)
+    this is, if any."""
+    prefix = topology.sink_queue("x").removesuffix("x")
+    if not queue or not queue.startswith(prefix):
+        return None
+    return queue.removeprefix(prefix).split(".", 1)[0] or None
+
+
 def delay_queue_arguments(topology: Topology, sink: str, delay_s: float) -> dict[str, Any]:
     return {
         "x-queue-type": "quorum",
