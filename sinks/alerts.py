@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -105,6 +107,23 @@ WHERE sink = $1 AND project = $2 AND caller = $3 AND state = 'sent'
   AND (followed_up_by IS NULL OR followed_up_by = $4)
 RETURNING call_id, chat_id, message_id, alert_text
 """
+
+
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+STORE_TRIES = 3  # a write the alert's fate hangs on, ~1.5 s in all
+
+
+async def tried_hard(write: Callable[[], Awaitable[None]]) -> None:
+    """`write`, tried up to STORE_TRIES times with a growing pause; the last error is raised.
+    For the writes an alert's fate hangs on: a claim's release, the note that it was sent."""
+    for attempt in range(1, STORE_TRIES + 1):
+        try:
+            await write()
+            return
+        except DATABASE_ERRORS:
+            if attempt == STORE_TRIES:
+                raise
+            await asyncio.sleep(0.5 * attempt)
 
 
 # How long the holder of a claim may take from its claim to its request (a callback lookup,

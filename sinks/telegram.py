@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import aiohttp
-import asyncpg
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 
 from infra.masking import mask_phone
 from schemas import codec
-from sinks.alerts import AlertKey, AlertStore, Claim, Held
+from sinks.alerts import DATABASE_ERRORS, AlertKey, AlertStore, Claim, Held, tried_hard
 from sinks.config import SinkConfig
 from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater
 from sinks.telegram_text import followed_up_text, missed_call_text
 
 log = logging.getLogger(__name__)
 
-DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 BOT_TOKEN = re.compile(r"\d+:[A-Za-z0-9_-]+")
 CHAT_ID = re.compile(r"-?\d+|@[A-Za-z][A-Za-z0-9_]{3,}")
 MAX_ANSWER_BYTES = 1024 * 1024
-STORE_TRIES = 3  # a write the alert's fate hangs on, ~1.5 s in all
 
 T = TypeVar("T")
 
@@ -229,7 +225,7 @@ class TelegramSink:
     async def _release(self, held: Held) -> None:
         """The alert was surely not sent: release its claim, trying hard, so that the retry
         can send it at once."""
-        await _tried_hard(lambda: self._store.release(held))
+        await tried_hard(lambda: self._store.release(held))
 
     async def _note_sent(
         self, key: AlertKey, message_id: int, text: str, followed_up_by: str | None
@@ -237,7 +233,7 @@ class TelegramSink:
         """The alert is in the chat: note it, trying hard, since a retry would not resend it."""
         chat_id = self._config.chat_id
         try:
-            await _tried_hard(
+            await tried_hard(
                 lambda: self._store.mark_sent(key, chat_id, message_id, text, followed_up_by)
             )
         except DATABASE_ERRORS as exc:
@@ -296,18 +292,6 @@ class TelegramSink:
 
     async def close(self) -> None:
         await self._api.close()
-
-
-async def _tried_hard(write: Callable[[], Awaitable[None]]) -> None:
-    """`write`, tried up to STORE_TRIES times with a growing pause; the last error is raised."""
-    for attempt in range(1, STORE_TRIES + 1):
-        try:
-            await write()
-            return
-        except DATABASE_ERRORS:
-            if attempt == STORE_TRIES:
-                raise
-            await asyncio.sleep(0.5 * attempt)
 
 
 def _time(value: Any) -> datetime | None:
