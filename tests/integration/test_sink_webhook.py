@@ -23,7 +23,7 @@ from infra.broker import plain_headers
 from infra.settings import Settings
 from schemas import codec
 from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater
-from sinks.service import try_sink
+from sinks.service import run_sinks, try_sink
 from sinks.telegram import TelegramSinkConfig
 from sinks.topology import delay_queue
 from sinks.webhook import WebhookSink, WebhookSinkConfig
@@ -512,3 +512,60 @@ async def test_a_sink_waiting_for_the_database_holds_back_no_other(
     await wait_for(delivered, what="the webhook sink's delivery while the database is away")
     # The Telegram sink's event waits in its queue, for when it can open.
     assert await queue_depth(amqp, settings.topology.sink_queue("missed")) == 1
+
+
+async def test_a_sink_that_fails_stops_the_others_before_its_error_is_raised(
+    services: Services,
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+) -> None:
+    """The Telegram sink opens once PostgreSQL is back, and fails (its queue was deleted
+    meanwhile): the webhook sink beside it stops and finishes, and no sink's task outlives
+    `run_sinks`, which raises the failure."""
+    fake, _, url = receiver
+    target = urlsplit(services.database_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    await proxy.start()
+    try:
+        await proxy.cut()
+        netloc = f"{target.username}@127.0.0.1:{proxy.port}"
+        proxied = settings.model_copy(
+            update={"database_url": target._replace(netloc=netloc).geturl()}
+        )
+        missed = TelegramSinkConfig.model_validate(
+            {"name": "missed", "bot_token": "123456:TEST-token", "chat_id": -100123}
+        )
+        configs = [missed, webhook_config(url, fake.secret)]
+        await sinks.declare(settings, configs)
+        stop = asyncio.Event()
+        running = asyncio.create_task(run_sinks(proxied, configs, stop))
+        try:
+            await publish_events(amqp, settings, [envelope("s1")])
+
+            async def delivered() -> bool:
+                return "acme:s1:end" in fake.delivered
+
+            await wait_for(delivered, what="the webhook sink delivering")
+            async with amqp.channel() as channel:
+                await channel.queue_delete(settings.topology.sink_queue("missed"))
+            await proxy.restore()
+
+            async def ended() -> bool:
+                return running.done()
+
+            await wait_for(ended, seconds=30, what="run_sinks ending with the failure")
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(running, timeout=20)
+        assert isinstance(running.exception(), aio_pika.exceptions.ChannelNotFoundEntity)
+        left = [
+            task
+            for task in asyncio.all_tasks()
+            if task.get_coro().__qualname__ in ("_open_and_run", "SinkConsumer.run")
+        ]
+        assert left == []
+    finally:
+        await proxy.cut()
