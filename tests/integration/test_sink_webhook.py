@@ -564,7 +564,7 @@ async def test_a_sink_that_fails_stops_the_others_before_its_error_is_raised(
         left = [
             task
             for task in asyncio.all_tasks()
-            if task.get_coro().__qualname__ in ("_open_and_run", "SinkConsumer.run")
+            if getattr(task.get_coro(), "__qualname__", "") in ("_open_and_run", "SinkConsumer.run")
         ]
         assert left == []
     finally:
