@@ -3,6 +3,7 @@ and what later ones set."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -34,10 +35,12 @@ VALUES ('acme:' || $1 || ':' || $2, 'acme', $1, $2, $3, $4, $3)
 """
 
 
-@pytest.fixture
-async def schema_at_0001(db: asyncpg.Pool) -> AsyncIterator[str]:
-    """A namespace migrated by hand to 0001 only, as an installation of the first version."""
+@contextlib.asynccontextmanager
+async def schema_at(db: asyncpg.Pool, last: str) -> AsyncIterator[str]:
+    """A namespace migrated by hand up to the migration `last` only, as an installation of
+    that version; dropped after."""
     name = f"cpt_{uuid.uuid4().hex[:12]}"
+    files = [path for path in sorted(MIGRATIONS_DIR.glob("*.sql")) if path.stem <= last]
     async with db.acquire() as conn, conn.transaction():
         await conn.execute(f'CREATE SCHEMA "{name}"')
         await conn.execute(f'SET LOCAL search_path TO "{name}"')
@@ -45,13 +48,21 @@ async def schema_at_0001(db: asyncpg.Pool) -> AsyncIterator[str]:
             "CREATE TABLE schema_migrations ("
             " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        await conn.execute((MIGRATIONS_DIR / "0001_initial.sql").read_text(encoding="utf-8"))
-        await conn.execute("INSERT INTO schema_migrations (version) VALUES ('0001_initial')")
+        for path in files:
+            await conn.execute(path.read_text(encoding="utf-8"))
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.stem)
     try:
         yield name
     finally:
         async with db.acquire() as conn:
             await drop_schema(conn, name)
+
+
+@pytest.fixture
+async def schema_at_0001(db: asyncpg.Pool) -> AsyncIterator[str]:
+    """A namespace at 0001 only, as an installation of the first version."""
+    async with schema_at(db, "0001_initial") as name:
+        yield name
 
 
 async def _insert_call(conn: Connection, call_id: str, halves: dict[str, dict[str, Any]]) -> None:
@@ -181,36 +192,24 @@ async def test_0006_gives_up_behind_a_long_reader_and_applies_once_it_is_gone(
 ) -> None:
     """A BI query holding `telegram_alerts` open: 0006 gives up after its lock timeout (the
     migration is retried) instead of queueing every sink behind the query."""
-    name = f"cpt_{uuid.uuid4().hex[:12]}"
-    before = [path for path in sorted(MIGRATIONS_DIR.glob("*.sql")) if path.stem < "0006"]
-    async with db.acquire() as conn, conn.transaction():
-        await conn.execute(f'CREATE SCHEMA "{name}"')
-        await conn.execute(f'SET LOCAL search_path TO "{name}"')
-        await conn.execute(
-            "CREATE TABLE schema_migrations ("
-            " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+    async with (
+        schema_at(db, "0005_call_events_lz4") as name,
+        db.acquire() as reader,
+        db.acquire() as migrator,
+    ):
+        reading = reader.transaction()
+        await reading.start()
+        try:
+            await reader.execute(f'SELECT count(*) FROM "{name}".telegram_alerts')
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await migrate(migrator, name)
+        finally:
+            await reading.rollback()
+        assert await migrate(migrator, name) == ["0006_telegram_alerts_claimed"]
+        columns = await migrator.fetch(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = $1 AND table_name = 'telegram_alerts'"
+            " AND column_name IN ('claim_id', 'request_at') ORDER BY column_name",
+            name,
         )
-        for path in before:
-            await conn.execute(path.read_text(encoding="utf-8"))
-            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.stem)
-    try:
-        async with db.acquire() as reader, db.acquire() as migrator:
-            reading = reader.transaction()
-            await reading.start()
-            try:
-                await reader.execute(f'SELECT count(*) FROM "{name}".telegram_alerts')
-                with pytest.raises(asyncpg.LockNotAvailableError):
-                    await migrate(migrator, name)
-            finally:
-                await reading.rollback()
-            assert await migrate(migrator, name) == ["0006_telegram_alerts_claimed"]
-            columns = await migrator.fetch(
-                "SELECT column_name FROM information_schema.columns"
-                " WHERE table_schema = $1 AND table_name = 'telegram_alerts'"
-                " AND column_name IN ('claim_id', 'request_at') ORDER BY column_name",
-                name,
-            )
-            assert [row["column_name"] for row in columns] == ["claim_id", "request_at"]
-    finally:
-        async with db.acquire() as conn:
-            await drop_schema(conn, name)
+        assert [row["column_name"] for row in columns] == ["claim_id", "request_at"]
