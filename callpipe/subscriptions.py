@@ -138,7 +138,7 @@ class ReplayEventsReport:
 
 # Ordered as they were received; event_id breaks ties so that a re-run replays the same order.
 _SELECT_EVENTS = """
-SELECT event_id, event::text AS event FROM "{schema}".call_events
+SELECT event_id, received_at, event::text AS event FROM "{schema}".call_events
 WHERE event IS NOT NULL
   AND ($1::timestamptz IS NULL OR received_at >= $1)
   AND ($2::timestamptz IS NULL OR received_at < $2)
@@ -150,6 +150,7 @@ ORDER BY received_at, event_id
 @dataclass(frozen=True)
 class _Outgoing:
     event_id: str
+    received_at: datetime
     routing_key: str
     body: bytes
 
@@ -198,7 +199,9 @@ async def replay_events(
                 if not event_filter.wants(routing_key):
                     report.not_bound += 1
                     continue
-                batch.append(_Outgoing(row["event_id"], routing_key, codec.dumps(event)))
+                batch.append(
+                    _Outgoing(row["event_id"], row["received_at"], routing_key, codec.dumps(event))
+                )
                 if len(batch) >= in_flight:
                     await _publish_batch(publisher, queue, batch, report)
                     batch = []
@@ -259,14 +262,21 @@ async def _publish_batch(
         ),
         return_exceptions=True,
     )
-    failures = [result for result in results if isinstance(result, BaseException)]
+    failures = [
+        (outgoing, result)
+        for outgoing, result in zip(batch, results, strict=True)
+        if isinstance(result, BaseException)
+    ]
     report.replayed += len(results) - len(failures)
     if failures:
-        first = failures[0]
+        first_failed, first = failures[0]
         if not isinstance(first, PublishFailedError):
             raise first
+        # Everything before the first event not confirmed went out, in order: a replay from
+        # its time on sends the rest (and again the few confirmed after it, which receivers
+        # dedupe by event_id).
         raise SubscriptionError(
             f"{len(failures)} publishes to {queue} were not confirmed ({first}); "
-            f"{report.replayed} events were replayed. Run the replay again: receivers dedupe"
-            " by event_id"
+            f"{report.replayed} events were replayed. To send the rest, run the replay again "
+            f"with --since {first_failed.received_at.isoformat()} (receivers dedupe by event_id)"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -406,3 +407,53 @@ async def test_replay_to_a_missing_queue_fails_and_publishes_nothing(
         async with amqp.channel() as channel:
             with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
                 await channel.declare_queue(queue_name, passive=True)
+
+
+async def test_a_replay_cut_short_says_where_to_resume_and_resuming_sends_the_rest(
+    client: Client,
+    settings: Settings,
+    db: asyncpg.Pool,
+    workers: Workers,
+    amqp: AbstractRobustConnection,
+    queues: list[str],
+) -> None:
+    """The queue refuses publishes once it holds two (a full queue, a broker alarm): the
+    replay stops, says from when to run it again, and that run sends every event not sent."""
+    await store_events(client, settings, db, workers)
+    order = await stored_order(db, settings)
+    queue_name = settings.topology.subscription_queue("capped")
+    queues.append(queue_name)
+    async with amqp.channel() as channel:
+        capped = {"x-max-length": 2, "x-overflow": "reject-publish"}
+        await channel.declare_queue(queue_name, durable=True, arguments=capped)
+        with pytest.raises(subscriptions.SubscriptionError) as cut_short:
+            await subscriptions.replay_events(
+                amqp,
+                settings.database_url,
+                settings.topology,
+                "capped",
+                subscriptions.EventFilter(),
+                timeout_s=10,
+                in_flight=2,
+            )
+        message = str(cut_short.value)
+        assert "2 events were replayed" in message
+        resume = re.search(r"--since (\S+)", message)
+        assert resume is not None
+        assert [m.message_id for m in await drain(channel, queue_name, 2)] == order[:2]
+
+        await channel.queue_delete(queue_name)
+        await channel.declare_queue(queue_name, durable=True)
+        report = await subscriptions.replay_events(
+            amqp,
+            settings.database_url,
+            settings.topology,
+            "capped",
+            subscriptions.EventFilter(since=datetime.fromisoformat(resume.group(1))),
+            timeout_s=10,
+        )
+        resent = [m.message_id for m in await drain(channel, queue_name, report.replayed)]
+        # The events from the first one not sent on, in order (and again any sent ones with
+        # the very same received_at, which receivers dedupe).
+        assert len(resent) >= len(order) - 2
+        assert resent == order[len(order) - len(resent) :]
