@@ -129,6 +129,21 @@ class FakeEnds:
         return self.waits.pop(0) if self.waits else None
 
 
+async def run_until_sent(sweeper: StaleSweeper, events: FakeEvents, n: int, what: str) -> None:
+    """Run the sweep loop until `n` events are sent, then stop it."""
+    stop = asyncio.Event()
+    running = asyncio.create_task(sweeper.run(stop))
+
+    async def all_sent() -> bool:
+        return len(events.sent) == n
+
+    try:
+        await wait_for(all_sent, seconds=5, what=what)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=5)
+
+
 async def test_one_sweep_takes_batches_until_none_is_due() -> None:
     store, events = FakeStaleStore(due=7), FakeEvents()
     sweeper = StaleSweeper(store, events, FakeEnds(), after_min=30, every_s=30, batch_size=3)
@@ -141,15 +156,7 @@ async def test_one_sweep_takes_batches_until_none_is_due() -> None:
 async def test_a_failed_sweep_is_tried_again_at_the_next_interval() -> None:
     store, events = FakeStaleStore(due=2, failures=2), FakeEvents()
     sweeper = StaleSweeper(store, events, FakeEnds(), after_min=30, every_s=0.01)
-    stop = asyncio.Event()
-    running = asyncio.create_task(sweeper.run(stop))
-
-    async def all_sent() -> bool:
-        return len(events.sent) == 2
-
-    await wait_for(all_sent, seconds=5, what="both stale events after two failed sweeps")
-    stop.set()
-    await asyncio.wait_for(running, timeout=5)
+    await run_until_sent(sweeper, events, 2, "both stale events after two failed sweeps")
     assert len(store.calls) >= 3
 
 
@@ -172,15 +179,7 @@ async def test_no_call_is_marked_while_call_ends_wait_and_the_wait_is_said_once(
     store, events = FakeStaleStore(due=2), FakeEvents()
     ends = FakeEnds("no worker end consumes x.call-end", "3 call ends wait in x.call-end")
     sweeper = StaleSweeper(store, events, ends, after_min=30, every_s=0.01)
-    stop = asyncio.Event()
-    running = asyncio.create_task(sweeper.run(stop))
-
-    async def all_sent() -> bool:
-        return len(events.sent) == 2
-
-    await wait_for(all_sent, seconds=5, what="the stale events once call ends are caught up")
-    stop.set()
-    await asyncio.wait_for(running, timeout=5)
+    await run_until_sent(sweeper, events, 2, "the stale events once call ends are caught up")
     assert ends.looks >= 3
     # A sweep after every look but the two waits and the first look caught up.
     assert len(store.calls) == ends.looks - 3
