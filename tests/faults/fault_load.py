@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -115,6 +116,15 @@ class Load:
         finally:
             hold[1].set()
             self._holds.remove(hold)
+
+    def progress(self) -> str:
+        """What the load has sent and what came back, for a fault step that timed out."""
+        outcomes = Counter(answer.outcome for answer in self.answers)
+        answered = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+        return (
+            f"{self.issued} of {self.total} webhooks sent, {self.in_flight} in flight, "
+            f"answers: {answered or 'none'}"
+        )
 
     async def reached(self, fraction: float) -> None:
         """Wait until this share of the load has been sent."""

@@ -48,7 +48,10 @@ async def some_spooled(load: Load) -> None:
     async def spooled() -> bool:
         return any(answer.outcome == SPOOLED for answer in load.answers)
 
-    await wait_for(spooled, seconds=30, what="webhooks answered from the spool")
+    try:
+        await wait_for(spooled, seconds=30, what="webhooks answered from the spool")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; {load.progress()}") from None
 
 
 async def mend(rig: Rig) -> None:

@@ -217,7 +217,12 @@ async def run_scenario(
         try:
             await load.run(rig.session)
             if faulting is not None:
-                await faulting
+                try:
+                    await faulting
+                except AssertionError as exc:
+                    # A fault step timed out: the run is still drained and judged, so that
+                    # the table and the logs show what the load and the processes did.
+                    rig.problems.append(f"fault step failed: {exc}")
         finally:
             if faulting is not None and not faulting.done():
                 faulting.cancel()
