@@ -61,15 +61,15 @@ class Rig:
             "CALLPIPE_HTTP_HOST": "127.0.0.1",
             "CALLPIPE_SHUTDOWN_TIMEOUT_S": "10",
             "CALLPIPE_LOG_LEVEL": "INFO",
+            # Four of the load's health checks: long enough for it to stop sending, short
+            # enough for the suite's time.
+            "CALLPIPE_DRAIN_S": "2",
         }
         # One delivery at a time in an armed worker: the failpoint's delivery is the only one
         # in its crash window, so exactly which events may come twice is known.
         worker_env = env | {
             "CALLPIPE_PREFETCH": "1" if failpoint else "16",
             "CALLPIPE_METRICS_PORT": "0",  # two workers per rig, many rigs: no fixed port
-            # Four of the load's health checks: long enough for it to stop sending, short
-            # enough for the suite's time.
-            "CALLPIPE_DRAIN_S": "2",
         }
         self.prefetch = 1 if failpoint else 16
         self.workers = {
