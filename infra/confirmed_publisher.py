@@ -349,6 +349,11 @@ class ConfirmedPublisher:
             await asyncio.wait({earlier})
 
     @property
+    def timeout_s(self) -> float:
+        """How long a publish waits for its confirm unless told otherwise."""
+        return self._timeout_s
+
+    @property
     def is_open(self) -> bool:
         return not self._channel.is_closed
 

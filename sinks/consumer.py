@@ -30,7 +30,15 @@ log = logging.getLogger(__name__)
 
 CANCEL_TIMEOUT_S = 3.0
 MAX_PAUSE_S = 60.0  # the longest a destination's "slow down" holds the whole sink
+# An event the broker cannot take yet (its delay queue is gone, `{ns}.dead` is full, an
+# alarm blocks publishing) is held and its settling tried again, ever more patiently: the
+# wait between tries doubles up to a minute, and so does the wait for each try's confirm. A
+# try whose confirm never came may still be stored once the broker reads on (an alarm ends):
+# growing patience keeps such copies to a few per held event, not one per second.
 SETTLE_RETRY_S = 1.0
+SETTLE_RETRY_MAX_S = 60.0
+SETTLE_PATIENCE_MAX_S = 300.0
+SETTLE_WARN_EVERY_S = 60.0  # a held event is logged when first held, then at most this often
 
 
 def decode_event(message: AbstractIncomingMessage) -> Event | GiveUp:
@@ -111,19 +119,40 @@ class SinkConsumer:
             delivering.add_done_callback(self._shielded.discard)
             result = await asyncio.shield(delivering)
         action = next_action(result, attempt, self._config.schedule)
+        await self._settle_patiently(message, action)
+
+    async def _settle_patiently(self, message: AbstractIncomingMessage, action: SinkAction) -> None:
+        """Settle, holding the delivery while the broker cannot take it (unsettled, it stays
+        with the broker, and returns if we go); tried again ever more patiently."""
+        retry_s, patience_s = SETTLE_RETRY_S, self._publisher.timeout_s
+        tries, warned_at = 0, -SETTLE_WARN_EVERY_S
         while True:
             try:
-                await self._settle(message, action)
+                await self._settle(message, action, patience_s)
+                if tries:
+                    log.info(
+                        "sink %s settled %s after %d failed tries",
+                        self._config.name, message.message_id, tries,
+                    )  # fmt: skip
                 return
             except PublishFailedError as exc:
-                # Unsettled, the delivery stays with the broker: it returns when we go.
-                log.warning(
-                    "sink %s cannot settle %s yet: %s", self._config.name, message.message_id, exc
-                )
+                tries += 1
+                log.debug(
+                    "sink %s: settling %s failed (try %d): %s",
+                    self._config.name, message.message_id, tries, exc,
+                )  # fmt: skip
+                if time.monotonic() - warned_at >= SETTLE_WARN_EVERY_S:
+                    warned_at = time.monotonic()
+                    log.warning(
+                        "sink %s cannot settle %s yet (%d tries): %s; held, tried again in %gs",
+                        self._config.name, message.message_id, tries, exc, retry_s,
+                    )  # fmt: skip
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=SETTLE_RETRY_S)
+                await asyncio.wait_for(self._stopping.wait(), timeout=retry_s)
             if self._stopping.is_set():
                 return
+            retry_s = min(retry_s * 2, SETTLE_RETRY_MAX_S)
+            patience_s = min(patience_s * 2, SETTLE_PATIENCE_MAX_S)
 
     async def _deliver(self, event: Event) -> DeliveryResult:
         # The routing key of the event itself, whichever way it came.
@@ -149,7 +178,9 @@ class SinkConsumer:
                 await asyncio.wait_for(self._stopping.wait(), timeout=wait)
         return not self._stopping.is_set()
 
-    async def _settle(self, message: AbstractIncomingMessage, action: SinkAction) -> None:
+    async def _settle(
+        self, message: AbstractIncomingMessage, action: SinkAction, timeout_s: float
+    ) -> None:
         if isinstance(action, Delay):
             await self._publisher.publish(
                 "",
@@ -157,6 +188,7 @@ class SinkConsumer:
                 message.body,
                 message_id=message.message_id or "",
                 headers=self._headers(message, {HEADER_ATTEMPT: action.attempt}),
+                timeout_s=timeout_s,
             )
             log.warning(
                 "sink %s: %s failed (attempt %d: %s), retrying in %gs",
@@ -175,6 +207,7 @@ class SinkConsumer:
                 headers=self._headers(
                     message, {HEADER_ERROR: action.reason[:1000], HEADER_SINK: self._config.name}
                 ),
+                timeout_s=timeout_s,
             )
             log.error(
                 "sink %s: %s dead-lettered: %s",

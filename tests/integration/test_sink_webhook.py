@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -271,31 +272,144 @@ async def test_trying_a_destination_sends_one_signed_sample(
     assert isinstance(await try_sink(settings, webhook_config(url, fake.secret)), GiveUp)
 
 
+def settle_failures(caplog: pytest.LogCaptureFixture, event_id: str) -> list[logging.LogRecord]:
+    """The sink's failed tries to settle the event (its debug lines, one per try)."""
+    return [
+        r
+        for r in caplog.records
+        if r.name == "sinks.consumer" and r.levelno == logging.DEBUG and event_id in r.getMessage()
+    ]
+
+
+async def start_without_its_delay_queue(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    config: WebhookSinkConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Start the sink, then delete its delay queue by hand: a retry cannot be published."""
+    await sinks.start(settings, [config])
+
+    async def consuming() -> bool:
+        return f"sink {config.name} consuming" in caplog.text
+
+    await wait_for(consuming, what="the sink consuming")
+    async with amqp.channel() as channel:
+        await channel.queue_delete(delay_queue(settings.topology, config.name, 0.3))
+
+
 async def test_an_event_that_cannot_be_delayed_is_held_not_lost(
     settings: Settings,
     amqp: AbstractRobustConnection,
     sinks: RunningSinks,
     receiver: tuple[Receiver, FakeServer, str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="sinks.consumer")
     fake, _, url = receiver
     fake.script["acme:d1:end"] = ["503"]
     config = webhook_config(url, fake.secret, retry_delays_s=[0.3])
-    await sinks.declare(settings, [config])
-    async with amqp.channel() as channel:  # someone deleted the delay queue by hand
-        await channel.queue_delete(delay_queue(settings.topology, "crm", 0.3))
-    await sinks.start(settings, [config])
+    await start_without_its_delay_queue(settings, amqp, sinks, config, caplog)
     await publish_events(amqp, settings, [envelope("d1")])
 
-    async def tried() -> bool:
-        return fake.attempts["acme:d1:end"] == 1
+    async def held() -> bool:
+        return bool(settle_failures(caplog, "acme:d1:end"))
 
-    await wait_for(tried, what="the first attempt")
+    await wait_for(held, what="the event held: its retry cannot be published")
     await sinks.declare(settings, [config])  # `callpipe setup` again: the queue is back
 
     async def delivered() -> bool:
         return fake.delivered["acme:d1:end"] == 1
 
     await wait_for(delivered, what="the delivery once the delay queue is back")
+
+
+async def test_a_held_event_is_tried_ever_more_patiently_and_warned_about_once(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sinks.consumer")
+    fake, _, url = receiver
+    fake.script["acme:h1:end"] = ["503"]
+    config = webhook_config(url, fake.secret, retry_delays_s=[0.3])
+    await start_without_its_delay_queue(settings, amqp, sinks, config, caplog)
+    await publish_events(amqp, settings, [envelope("h1")])
+
+    async def three_tries() -> bool:
+        return len(settle_failures(caplog, "acme:h1:end")) >= 3
+
+    await wait_for(three_tries, seconds=30, what="three tries to settle the held event")
+    first, second, third = settle_failures(caplog, "acme:h1:end")[:3]
+    # The wait between tries doubles (1 s, then 2 s), instead of one try a second.
+    assert third.created - second.created > 1.5 * (second.created - first.created) > 1.4
+    warnings = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "cannot settle acme:h1:end" in r.getMessage()
+    ]
+    assert len(warnings) == 1, [w.getMessage() for w in warnings]
+
+    await sinks.declare(settings, [config])  # `callpipe setup` again: the queue is back
+
+    async def delivered() -> bool:
+        return fake.delivered["acme:h1:end"] == 1
+
+    await wait_for(delivered, seconds=30, what="the delivery once the delay queue is back")
+    assert "settled acme:h1:end after" in caplog.text
+
+
+async def test_a_try_whose_confirm_never_came_is_followed_by_a_more_patient_one(
+    services: Services,
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    receiver: tuple[Receiver, FakeServer, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker that reads nothing (an alarm): each try's copy may still be stored when it
+    reads on, so the tries must not come once a second, each as impatient as the first."""
+    caplog.set_level(logging.DEBUG, logger="sinks.consumer")
+    fake, _, url = receiver
+    fake.script["acme:p1:end"] = ["hang"]  # past the sink's 0.5 s: a retry to delay
+    config = webhook_config(url, fake.secret, retry_delays_s=[0.3])
+    target = urlsplit(services.amqp_url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    await proxy.start()
+    try:
+        netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
+        proxied = settings.model_copy(
+            update={"amqp_url": target._replace(netloc=netloc).geturl(), "publish_timeout_s": 0.3}
+        )
+        await sinks.declare(settings, [config])
+        await sinks.start(proxied, [config])
+        await publish_events(amqp, settings, [envelope("p1")])
+
+        async def hanging() -> bool:
+            return fake.attempts["acme:p1:end"] == 1
+
+        await wait_for(hanging, what="the first attempt")
+        proxy.freeze()  # before the sink gives up on the destination and settles
+
+        async def two_tries() -> bool:
+            return len(settle_failures(caplog, "acme:p1:end")) >= 2
+
+        await wait_for(two_tries, seconds=30, what="two tries to settle")
+        reasons = [r.getMessage() for r in settle_failures(caplog, "acme:p1:end")[:2]]
+        assert "no confirm within 0.3s" in reasons[0]
+        assert "no confirm within 0.6s" in reasons[1]
+        proxy.thaw()
+
+        async def delivered() -> bool:
+            return fake.delivered["acme:p1:end"] >= 1
+
+        await wait_for(delivered, seconds=30, what="the delivery after the broker read on")
+    finally:
+        await sinks.stop()
+        await proxy.cut()
 
 
 async def test_a_message_that_is_not_an_event_is_dead_lettered(
