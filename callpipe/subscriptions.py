@@ -182,6 +182,8 @@ async def replay_events(
         retry_on=DATABASE_DOWN,
     )
     publisher = await ConfirmedPublisher.open(connection, timeout_s)
+    batch: list[_Outgoing] = []
+    last_sent: datetime | None = None  # received_at of the last event confirmed
     try:
         # One snapshot for the whole run; rows come in batches, never all at once.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -192,7 +194,6 @@ async def replay_events(
                 event_filter.project,
                 prefetch=in_flight,
             )
-            batch: list[_Outgoing] = []
             async for row in _checked_rows(rows, topology.namespace):
                 event: dict[str, Any] = codec.loads(row["event"])
                 routing_key = routing_key_of(event)
@@ -204,11 +205,27 @@ async def replay_events(
                 )
                 if len(batch) >= in_flight:
                     await _publish_batch(publisher, queue, batch, report)
-                    batch = []
+                    last_sent, batch = batch[-1].received_at, []
             await _publish_batch(publisher, queue, batch, report)
+    except Exception as exc:
+        if not (isinstance(exc, DATABASE_DOWN) or conn.is_closed()):
+            raise
+        # Lost midway (leaving the transaction on a closed connection fails in its own way:
+        # the loss is what happened). The events go out in order: a replay from the first
+        # one not sent sends the rest.
+        lost = exc.__context__ if isinstance(exc, asyncpg.InterfaceError) else exc
+        resume = batch[0].received_at if batch else last_sent or event_filter.since
+        again = "run the replay again" + (f" with --since {resume.isoformat()}" if resume else "")
+        raise SubscriptionError(
+            f"lost the database ({type(lost).__name__}: {lost}); {report.replayed} events "
+            f"were replayed. To send the rest, {again} (receivers dedupe by event_id)"
+        ) from None
     finally:
         await publisher.close()
-        await conn.close()
+        try:
+            await conn.close(timeout=5)
+        except Exception:  # a connection lost midway: drop it, its error was said above
+            conn.terminate()
     return report
 
 

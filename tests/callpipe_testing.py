@@ -111,6 +111,7 @@ class TcpProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._held: list[bytes] = []
+        self._freeze_at: bytes | None = None
         self.accepted = 0
 
     async def start(self) -> None:
@@ -140,6 +141,10 @@ class TcpProxy:
 
     def thaw(self) -> None:
         self._flowing.set()
+
+    def freeze_at(self, marker: bytes) -> None:
+        """Freeze as soon as `marker` is read, before the data holding it is passed on."""
+        self._freeze_at = marker
 
     def held(self, marker: bytes) -> int:
         """How many times `marker` occurs in the data read but not yet passed on."""
@@ -173,6 +178,9 @@ class TcpProxy:
         async def read() -> None:
             try:
                 while data := await reader.read(65536):
+                    if self._freeze_at is not None and self._freeze_at in data:
+                        self._freeze_at = None
+                        self.freeze()
                     self._held.append(data)
                     await pending.put(data)
             except OSError:

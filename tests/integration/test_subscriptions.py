@@ -10,14 +10,15 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.test_utils import TestClient
-from callpipe_testing import wait_for
-from conftest import Collector, Workers
+from callpipe_testing import TcpProxy, wait_for
+from conftest import Collector, Services, Workers
 from topic_table import TOPIC_TABLE
 
 from callpipe import subscriptions
@@ -455,5 +456,82 @@ async def test_a_replay_cut_short_says_where_to_resume_and_resuming_sends_the_re
         resent = [m.message_id for m in await drain(channel, queue_name, report.replayed)]
         # The events from the first one not sent on, in order (and again any sent ones with
         # the very same received_at, which receivers dedupe).
+        assert len(resent) >= len(order) - 2
+        assert resent == order[len(order) - len(resent) :]
+
+
+def proxied_url(url: str, proxy: TcpProxy) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return parts._replace(netloc=f"{netloc}127.0.0.1:{proxy.port}").geturl()
+
+
+async def test_a_replay_that_loses_the_database_says_where_to_resume(
+    client: Client,
+    services: Services,
+    settings: Settings,
+    db: asyncpg.Pool,
+    workers: Workers,
+    amqp: AbstractRobustConnection,
+    queues: list[str],
+) -> None:
+    """The database goes away after the first batch: the replay says so plainly (no
+    traceback) and from when to run it again, and that run sends every event not sent."""
+    await store_events(client, settings, db, workers)
+    order = await stored_order(db, settings)
+    queue_name = settings.topology.subscription_queue("dbloss")
+    queues.append(queue_name)
+    await subscriptions.subscribe(amqp, settings.topology, "dbloss", bind=["#"])
+    broker, database = urlsplit(services.amqp_url), urlsplit(services.database_url)
+    broker_link = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    database_link = TcpProxy(database.hostname or "127.0.0.1", database.port or 5432)
+    await broker_link.start()
+    await database_link.start()
+    connection = await aio_pika.connect_robust(proxied_url(services.amqp_url, broker_link))
+    try:
+        # The first batch's publishes wait at the broker link while the database link drops.
+        broker_link.freeze_at(order[0].encode())
+        replaying = asyncio.create_task(
+            subscriptions.replay_events(
+                connection,
+                proxied_url(settings.database_url, database_link),
+                settings.topology,
+                "dbloss",
+                subscriptions.EventFilter(),
+                timeout_s=10,
+                in_flight=2,
+            )
+        )
+
+        async def first_batch_held() -> bool:
+            return broker_link.held(order[0].encode()) > 0
+
+        await wait_for(first_batch_held, what="the first batch at the broker link")
+        await database_link.cut()
+        broker_link.thaw()
+        with pytest.raises(subscriptions.SubscriptionError) as lost:
+            await asyncio.wait_for(replaying, timeout=30)
+        message = str(lost.value)
+        assert message.startswith("lost the database"), message
+        assert "2 events were replayed" in message
+        resume = re.search(r"--since (\S+) ", message)
+        assert resume is not None, message
+    finally:
+        await connection.close()
+        await broker_link.cut()
+        await database_link.cut()
+
+    async with amqp.channel() as channel:
+        assert [m.message_id for m in await drain(channel, queue_name, 2)] == order[:2]
+        report = await subscriptions.replay_events(
+            amqp,
+            settings.database_url,
+            settings.topology,
+            "dbloss",
+            subscriptions.EventFilter(since=datetime.fromisoformat(resume.group(1))),
+            timeout_s=10,
+        )
+        resent = [m.message_id for m in await drain(channel, queue_name, report.replayed)]
+        # From the last event sent on (again: receivers dedupe), in order.
         assert len(resent) >= len(order) - 2
         assert resent == order[len(order) - len(resent) :]
