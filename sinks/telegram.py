@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -22,6 +23,10 @@ from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater
 from sinks.telegram_text import followed_up_text, missed_call_text
 
 log = logging.getLogger(__name__)
+
+# Between tries of a release the alert's fate hangs on, once `tried_hard` failed.
+RELEASE_PAUSE_S = 1.0
+RELEASE_PAUSE_MAX_S = 30.0
 
 BOT_TOKEN = re.compile(r"\d+:[A-Za-z0-9_-]+")
 CHAT_ID = re.compile(r"-?\d+|@[A-Za-z][A-Za-z0-9_]{3,}")
@@ -206,7 +211,7 @@ class TelegramSink:
         if answer.sent is None:
             await self._store.abandon(claim)
             return GiveUp(f"{answer.error}: the alert may have arrived, so it is not sent again")
-        await self._release(claim)
+        await self._release_after_refusal(claim)
         if answer.may_retry:
             return RetryLater(answer.error, answer.retry_after_s)
         return GiveUp(answer.error)
@@ -226,6 +231,25 @@ class TelegramSink:
         """The alert was surely not sent: release its claim, trying hard, so that the retry
         can send it at once."""
         await tried_hard(lambda: self._store.release(held))
+
+    async def _release_after_refusal(self, held: Held) -> None:
+        """Telegram surely did not get it, but its request went out: until the release is
+        stored, the claim reads as "may have arrived" and the alert would never be sent. So
+        the release is tried until it is stored, this delivery waiting meanwhile."""
+        pause_s = RELEASE_PAUSE_S
+        while True:
+            try:
+                await self._release(held)
+                return
+            except DATABASE_ERRORS as exc:
+                if pause_s == RELEASE_PAUSE_S:  # once per alert, not once per try
+                    log.warning(
+                        "telegram %s: cannot release the alert for call %s, which Telegram "
+                        "refused (%r); holding it until the database answers",
+                        self._config.name, held.key.call_id, exc,
+                    )  # fmt: skip
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, RELEASE_PAUSE_MAX_S)
 
     async def _note_sent(
         self, key: AlertKey, message_id: int, text: str, followed_up_by: str | None

@@ -494,6 +494,52 @@ async def test_a_claim_left_before_the_send_is_taken_over_and_sent(
     assert [payload["text"].count("call c1") for payload in fake.sent()] == [1]
 
 
+async def test_an_alert_telegram_refused_is_sent_once_the_database_takes_its_release(
+    settings: Settings,
+    amqp: AbstractRobustConnection,
+    sinks: RunningSinks,
+    bot: tuple[FakeBotApi, str],
+    db: asyncpg.Pool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Telegram surely refuses the alert (429), and the database refuses its release for
+    longer than a few tries: the release waits for the database, so the retry sends the
+    alert (not released, it would read as "may have arrived" and never be sent)."""
+    fake, url = bot
+    fake.script = ["429"]
+    schema = f'"{settings.namespace}"'
+    await db.execute(
+        f"CREATE FUNCTION {schema}.refuse() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'releases refused by the test'; END $$;"
+        f" CREATE TRIGGER refuse_releases BEFORE UPDATE ON {schema}.telegram_alerts"
+        f" FOR EACH ROW WHEN (NEW.state = 'failed') EXECUTE FUNCTION {schema}.refuse()"
+    )
+    try:
+        await sinks.start(settings, [telegram(url, retry_delays_s=[0.5], max_attempts=100)])
+        await publish_events(amqp, settings, [envelope("r1")])
+
+        async def release_failed() -> bool:
+            # Past the few quick tries: held (now), or given back to the broker (before).
+            return "cannot release the alert for call r1" in caplog.text or (
+                "database: RaiseError" in caplog.text
+            )
+
+        await wait_for(release_failed, seconds=30, what="the release refused past its tries")
+        assert [payload["text"].count("call r1") for payload in fake.sent()] == [1]
+    finally:
+        await db.execute(f"DROP TRIGGER IF EXISTS refuse_releases ON {schema}.telegram_alerts")
+
+    async def alerted() -> bool:
+        state: str = await db.fetchval(
+            f"SELECT state FROM {schema}.telegram_alerts WHERE call_id = 'r1'"
+        )
+        return state == "sent"
+
+    await wait_for(alerted, seconds=30, what="the alert sent once the release was stored")
+    assert [payload["text"].count("call r1") for payload in fake.sent()] == [1, 1]
+    assert [text.count("call r1") for text in fake.chat.values()] == [1]
+
+
 async def test_a_claim_taken_over_is_no_longer_its_first_holders(
     settings: Settings, db: asyncpg.Pool
 ) -> None:
