@@ -299,33 +299,7 @@ async def start_without_its_delay_queue(
         await channel.queue_delete(delay_queue(settings.topology, config.name, 0.3))
 
 
-async def test_an_event_that_cannot_be_delayed_is_held_not_lost(
-    settings: Settings,
-    amqp: AbstractRobustConnection,
-    sinks: RunningSinks,
-    receiver: tuple[Receiver, FakeServer, str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    caplog.set_level(logging.DEBUG, logger="sinks.consumer")
-    fake, _, url = receiver
-    fake.script["acme:d1:end"] = ["503"]
-    config = webhook_config(url, fake.secret, retry_delays_s=[0.3])
-    await start_without_its_delay_queue(settings, amqp, sinks, config, caplog)
-    await publish_events(amqp, settings, [envelope("d1")])
-
-    async def held() -> bool:
-        return bool(settle_failures(caplog, "acme:d1:end"))
-
-    await wait_for(held, what="the event held: its retry cannot be published")
-    await sinks.declare(settings, [config])  # `callpipe setup` again: the queue is back
-
-    async def delivered() -> bool:
-        return fake.delivered["acme:d1:end"] == 1
-
-    await wait_for(delivered, what="the delivery once the delay queue is back")
-
-
-async def test_a_held_event_is_tried_ever_more_patiently_and_warned_about_once(
+async def test_an_event_that_cannot_be_delayed_is_held_tried_ever_more_patiently_and_not_lost(
     settings: Settings,
     amqp: AbstractRobustConnection,
     sinks: RunningSinks,

@@ -410,6 +410,31 @@ async def test_replay_to_a_missing_queue_fails_and_publishes_nothing(
                 await channel.declare_queue(queue_name, passive=True)
 
 
+async def resume_sends_the_rest(
+    amqp: AbstractRobustConnection,
+    channel: AbstractChannel,
+    settings: Settings,
+    target: str,
+    since: str,
+    order: list[str],
+) -> None:
+    """A replay from the `--since` a cut-short one printed sends, in order, every event the
+    first two were not sent on (and again any sent ones with the very same received_at,
+    which receivers dedupe)."""
+    report = await subscriptions.replay_events(
+        amqp,
+        settings.database_url,
+        settings.topology,
+        target,
+        subscriptions.EventFilter(since=datetime.fromisoformat(since)),
+        timeout_s=10,
+    )
+    queue_name = settings.topology.subscription_queue(target)
+    resent = [m.message_id for m in await drain(channel, queue_name, report.replayed)]
+    assert len(resent) >= len(order) - 2
+    assert resent == order[len(order) - len(resent) :]
+
+
 async def test_a_replay_cut_short_says_where_to_resume_and_resuming_sends_the_rest(
     client: Client,
     settings: Settings,
@@ -445,19 +470,7 @@ async def test_a_replay_cut_short_says_where_to_resume_and_resuming_sends_the_re
 
         await channel.queue_delete(queue_name)
         await channel.declare_queue(queue_name, durable=True)
-        report = await subscriptions.replay_events(
-            amqp,
-            settings.database_url,
-            settings.topology,
-            "capped",
-            subscriptions.EventFilter(since=datetime.fromisoformat(resume.group(1))),
-            timeout_s=10,
-        )
-        resent = [m.message_id for m in await drain(channel, queue_name, report.replayed)]
-        # The events from the first one not sent on, in order (and again any sent ones with
-        # the very same received_at, which receivers dedupe).
-        assert len(resent) >= len(order) - 2
-        assert resent == order[len(order) - len(resent) :]
+        await resume_sends_the_rest(amqp, channel, settings, "capped", resume.group(1), order)
 
 
 def proxied_url(url: str, proxy: TcpProxy) -> str:
@@ -523,15 +536,4 @@ async def test_a_replay_that_loses_the_database_says_where_to_resume(
 
     async with amqp.channel() as channel:
         assert [m.message_id for m in await drain(channel, queue_name, 2)] == order[:2]
-        report = await subscriptions.replay_events(
-            amqp,
-            settings.database_url,
-            settings.topology,
-            "dbloss",
-            subscriptions.EventFilter(since=datetime.fromisoformat(resume.group(1))),
-            timeout_s=10,
-        )
-        resent = [m.message_id for m in await drain(channel, queue_name, report.replayed)]
-        # From the last event sent on (again: receivers dedupe), in order.
-        assert len(resent) >= len(order) - 2
-        assert resent == order[len(order) - len(resent) :]
+        await resume_sends_the_rest(amqp, channel, settings, "dbloss", resume.group(1), order)
