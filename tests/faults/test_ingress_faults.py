@@ -209,23 +209,28 @@ async def test_a_spool_disk_that_stalls_is_503_and_not_ready_until_it_answers(
 
 
 async def test_a_confirm_that_never_comes_is_spooled_not_a_hang(
-    proxied_client: TestClient[Any, Any],
-    broker_proxy: TcpProxy,
-    services: Services,
-    namespace: str,
+    broker_proxy: TcpProxy, services: Services, namespace: str
 ) -> None:
-    broker_proxy.freeze()
-    started = time.monotonic()
-    response = await asyncio.wait_for(
-        proxied_client.post("/roistat/tok-acme/call-start", data=CALL), timeout=10
+    # A publish timeout far longer than the confirm deadline (0.5 s), so that the answer's
+    # time tells which of the two ended the wait.
+    settings = make_settings(
+        services, namespace, amqp_url=proxied_url(services, broker_proxy), publish_timeout_s=20
     )
-    assert response.status == 200 and (await response.json())["spooled"] is True
-    assert time.monotonic() - started < 2  # the confirm deadline (0.5 s), not the 5 s timeout
-    broker_proxy.thaw()
-    # The held publish may arrive as well as the spooled copy: both carry the same id.
-    assert set(
-        await wait_queued(services.amqp_url, Topology(namespace).call_queue("start"), 1)
-    ) == {"acme:42:start"}
+    app = init_app(settings)
+    async with TestClient(TestServer(app)) as client:
+        await asyncio.wait_for(app[BROKER].wait_ready(), timeout=10)
+        broker_proxy.freeze()
+        started = time.monotonic()
+        response = await asyncio.wait_for(
+            client.post("/roistat/tok-acme/call-start", data=CALL), timeout=15
+        )
+        assert response.status == 200 and (await response.json())["spooled"] is True
+        assert time.monotonic() - started < 5  # the confirm deadline, not the publish timeout
+        broker_proxy.thaw()
+        # The held publish may arrive as well as the spooled copy: both carry the same id.
+        assert set(
+            await wait_queued(services.amqp_url, Topology(namespace).call_queue("start"), 1)
+        ) == {"acme:42:start"}
 
 
 async def test_ingress_starts_without_a_broker_and_takes_webhooks(

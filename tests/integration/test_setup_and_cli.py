@@ -12,7 +12,7 @@ import asyncpg
 from aio_pika.abc import AbstractRobustConnection
 from aiohttp.test_utils import TestClient
 from callpipe_testing import wait_for
-from conftest import Services, Workers
+from conftest import Collector, Services, Workers
 
 from callpipe.sample import send_sample
 from infra.broker import delete_topology
@@ -108,8 +108,14 @@ async def test_bad_configuration_is_a_clear_error_not_a_traceback() -> None:
 
 
 async def test_send_sample_fills_calls_through_the_pipeline(
-    client: TestClient[Any, Any], settings: Settings, db: asyncpg.Pool, workers: Workers
+    client: TestClient[Any, Any],
+    settings: Settings,
+    db: asyncpg.Pool,
+    workers: Workers,
+    amqp: AbstractRobustConnection,
+    subscribe: Any,
 ) -> None:
+    events: Collector = await subscribe(settings.topology.events_exchange, "#")
     workers.start_both(settings)
     url = str(client.make_url("/roistat/tok-acme"))
     report = await send_sample(url, 25, seed=7, duplicate_ratio=0.3)
@@ -139,7 +145,10 @@ async def test_send_sample_fills_calls_through_the_pipeline(
         return await published() >= 50
 
     await wait_for(all_published, what="50 events published")
-    assert await published() == 50  # and no more: one per distinct webhook
+    await events.settle(amqp, settings.topology.events_exchange, "marker")
+    # One event per distinct webhook: the duplicates sent none.
+    ids = [message.message_id for message in events.messages]
+    assert len(ids) == len(set(ids)) == 50
 
 
 async def test_replay_dead_command_reports_what_it_did(settings: Settings) -> None:

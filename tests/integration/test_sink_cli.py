@@ -104,7 +104,8 @@ async def test_setup_declares_the_sinks_queues_and_events_wait_there(
     await publish_events(amqp, settings, [envelope("w1"), envelope("w2", outcome=None)])
     async with amqp.channel() as channel:
         await channel.declare_queue(delay_queue(settings.topology, "crm", 0.2), passive=True)
-        queue = await channel.get_queue(settings.topology.sink_queue("crm"))
+        queue = await channel.declare_queue(settings.topology.sink_queue("crm"), passive=True)
+        assert queue.declaration_result.message_count == 1  # call.started is not bound
 
         async def waiting() -> Any:
             return await queue.get(fail=False)

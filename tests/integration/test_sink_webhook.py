@@ -240,7 +240,7 @@ async def test_binding_keys_and_projects_filter_what_is_sent(
 ) -> None:
     fake, _, url = receiver
     config = webhook_config(url, fake.secret, events=["call.ended.missed"], projects=["acme"])
-    await sinks.start(settings, [config])
+    await sinks.declare(settings, [config])
     events = [
         envelope("f1"),
         envelope("f2", project="beta"),
@@ -248,13 +248,16 @@ async def test_binding_keys_and_projects_filter_what_is_sent(
         envelope("f4", outcome=None),
         envelope("last"),
     ]
-    await publish_events(amqp, settings, events)
+    await publish_events(amqp, settings, events)  # confirmed: routed by now
+    # Only the missed calls are bound (f1, f2, last); the project is the sink's to judge.
+    assert await queue_depth(amqp, settings.topology.sink_queue("crm")) == 3
+    await sinks.start(settings, [config])
 
     async def last_arrived() -> bool:
         return "acme:last:end" in fake.delivered
 
     await wait_for(last_arrived, what="the last event")
-    # f2 was consumed and skipped before "last" (one queue, in order); the others never bound.
+    # f2 was consumed and skipped before "last" (one queue, in order).
     assert await queue_depth(amqp, settings.topology.sink_queue("crm")) == 0
     assert set(fake.attempts) == {"acme:f1:end", "acme:last:end"}
 

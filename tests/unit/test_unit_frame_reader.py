@@ -49,6 +49,47 @@ def fed_in_pieces(data: bytes, sizes: list[int], *, eof: bool = True) -> asyncio
     return reader
 
 
+class RecordingReader(asyncio.StreamReader):
+    """A stream reader that notes how many bytes each read returned."""
+
+    def __init__(self) -> None:
+        super().__init__(limit=2**20)
+        self.reads: list[int] = []
+        self.was_read = asyncio.Event()
+
+    async def read(self, n: int = -1) -> bytes:
+        data = await super().read(n)
+        self.reads.append(len(data))
+        self.was_read.set()
+        return data
+
+
+async def arriving_in_pieces(data: bytes, sizes: list[int]) -> RecordingReader:
+    """The bytes arrive piece by piece, each one read before the next comes (as from a
+    socket that delivers them apart), then the rest with the end of the stream."""
+    reader = RecordingReader()
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(data[start : start + size])
+        start += size
+
+    async def feed() -> None:
+        for piece in pieces:
+            reader.was_read.clear()
+            reader.feed_data(piece)
+            await reader.was_read.wait()  # the receiver has read this piece
+        reader.feed_data(data[start:])
+        reader.feed_eof()
+
+    task = asyncio.create_task(feed())
+    FEEDERS.add(task)
+    task.add_done_callback(FEEDERS.discard)
+    return reader
+
+
+FEEDERS: set[asyncio.Task[None]] = set()
+
+
 def described(frames: list[tuple[int, Any]]) -> list[tuple[int, str, bytes]]:
     """Comparable: channel, frame name, and the frame encoded again by pamqp."""
     return [(channel, frame.name, pamqp_frame.marshal(frame, channel)) for channel, frame in frames]
@@ -80,7 +121,8 @@ async def test_the_frames_come_out_as_pamqp_reads_them_however_the_bytes_arrive(
     data = wire(sent)
     if isinstance(sizes, str):  # "random"
         sizes = [random.Random(7).randint(1, 5000) for _ in range(100)]
-    receiver = BulkFrameReceiver(fed_in_pieces(data, sizes))
+    reader = await arriving_in_pieces(data, sizes)
+    receiver = BulkFrameReceiver(reader)
 
     received = []
     for _ in sent:
@@ -91,13 +133,15 @@ async def test_the_frames_come_out_as_pamqp_reads_them_however_the_bytes_arrive(
     assert described(received) == described(sent)
     with pytest.raises(StopAsyncIteration):  # the connection ended between two frames
         await receiver.get_frame()
+    assert reader.reads[: len(sizes)] == sizes  # each piece was read on its own
 
 
 async def test_the_receiver_iterates_as_aiormq_reads_it() -> None:
     sent = frames_on_the_wire()
-    receiver = BulkFrameReceiver(fed_in_pieces(wire(sent), [3, 3, 3]))
-    received = [(channel, frame) async for _, channel, frame in receiver]
+    reader = await arriving_in_pieces(wire(sent), [3, 3, 3])
+    received = [(channel, frame) async for _, channel, frame in BulkFrameReceiver(reader)]
     assert described(received) == described(sent)
+    assert reader.reads[:3] == [3, 3, 3]
 
 
 async def test_a_connection_that_ends_inside_a_frame_is_a_connection_error() -> None:
