@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -57,10 +57,13 @@ RETURNING state
 STATE = "SELECT state FROM telegram_alerts WHERE sink = $1 AND project = $2 AND call_id = $3"
 
 # Telegram surely did not get it: a later delivery may claim it again. The claim's id goes,
-# so that a sink from before 0006 claiming it again is not taken for a new one.
+# so that a sink from before 0006 claiming it again is not taken for a new one. Its holder
+# knows, so a claim that another delivery has meanwhile expired as 'unknown' (its holder was
+# held up past the lease, releasing it) is released too.
 RELEASE = """
 UPDATE telegram_alerts SET state = 'failed', claim_id = NULL, request_at = NULL
-WHERE sink = $1 AND project = $2 AND call_id = $3 AND state = 'sending' AND claim_id = $4
+WHERE sink = $1 AND project = $2 AND call_id = $3 AND state IN ('sending', 'unknown')
+  AND claim_id = $4
 """
 
 # Telegram may have got it: never send it again.
@@ -110,20 +113,29 @@ RETURNING call_id, chat_id, message_id, alert_text
 
 
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# Of those, the ones that say the database is away (it will answer again), not that it
+# refuses what was asked.
+DATABASE_AWAY = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.InterfaceError,
+)
 STORE_TRIES = 3  # a write the alert's fate hangs on, ~1.5 s in all
 
+T = TypeVar("T")
 
-async def tried_hard(write: Callable[[], Awaitable[None]]) -> None:
+
+async def tried_hard(write: Callable[[], Awaitable[T]]) -> T:
     """`write`, tried up to STORE_TRIES times with a growing pause; the last error is raised.
     For the writes an alert's fate hangs on: a claim's release, the note that it was sent."""
-    for attempt in range(1, STORE_TRIES + 1):
+    for attempt in range(1, STORE_TRIES):
         try:
-            await write()
-            return
+            return await write()
         except DATABASE_ERRORS:
-            if attempt == STORE_TRIES:
-                raise
             await asyncio.sleep(0.5 * attempt)
+    return await write()  # the last try: its error is raised
 
 
 # How long the holder of a claim may take from its claim to its request (a callback lookup,
@@ -239,18 +251,22 @@ class AlertStore:
             )
         return bool(count)
 
-    async def release(self, held: Held) -> None:
-        """Telegram surely did not get it: a later delivery may claim it again."""
-        await self._settle(RELEASE, held)
+    async def release(self, held: Held) -> bool:
+        """Telegram surely did not get it: a later delivery may claim it again. False if the
+        claim was no longer this delivery's."""
+        return await self._settle(RELEASE, held)
 
     async def abandon(self, held: Held) -> None:
         """Telegram may have got it: never send it again."""
         await self._settle(ABANDON, held)
 
-    async def _settle(self, statement: str, held: Held) -> None:
+    async def _settle(self, statement: str, held: Held) -> bool:
         key = held.key
         async with self._pool.acquire() as conn:
-            await conn.execute(statement, key.sink, key.project, key.call_id, held.claim_id)
+            status = await conn.execute(
+                statement, key.sink, key.project, key.call_id, held.claim_id
+            )
+        return status != "UPDATE 0"
 
     async def claim_follow_ups(
         self,

@@ -31,13 +31,14 @@ log = logging.getLogger(__name__)
 CANCEL_TIMEOUT_S = 3.0
 MAX_PAUSE_S = 60.0  # the longest a destination's "slow down" holds the whole sink
 # An event the broker cannot take yet (its delay queue is gone, `{ns}.dead` is full, an
-# alarm blocks publishing) is held and its settling tried again, ever more patiently: the
-# wait between tries doubles up to a minute, and so does the wait for each try's confirm. A
-# try whose confirm never came may still be stored once the broker reads on (an alarm ends):
-# growing patience keeps such copies to a few per held event, not one per second.
+# alarm blocks publishing) is held and its settling tried again: the wait between tries
+# doubles up to a minute. A try whose confirm does not come may still be stored once the
+# broker reads on (an alarm ends), so the tries after the first wait for their confirm as
+# long as their channel lives (an hour at most), instead of sending another copy: a copy per
+# channel, not one per try. A stop ends such a wait at once (the delivery stays unsettled).
 SETTLE_RETRY_S = 1.0
 SETTLE_RETRY_MAX_S = 60.0
-SETTLE_PATIENCE_MAX_S = 300.0
+SETTLE_PATIENCE_S = 3600.0
 SETTLE_WARN_EVERY_S = 60.0  # a held event is logged when first held, then at most this often
 
 
@@ -123,36 +124,52 @@ class SinkConsumer:
 
     async def _settle_patiently(self, message: AbstractIncomingMessage, action: SinkAction) -> None:
         """Settle, holding the delivery while the broker cannot take it (unsettled, it stays
-        with the broker, and returns if we go); tried again ever more patiently."""
-        retry_s, patience_s = SETTLE_RETRY_S, self._publisher.timeout_s
-        tries, warned_at = 0, -SETTLE_WARN_EVERY_S
+        with the broker, and returns if we go); see SETTLE_PATIENCE_S."""
+        name, event_id = self._config.name, message.message_id
+        try:
+            await self._settle(message, action, self._publisher.timeout_s)
+            return
+        except PublishFailedError as exc:
+            log.warning("sink %s cannot settle %s yet: %s; held, tried again", name, event_id, exc)
+            failure = exc
+        retry_s, tries, warned_at = SETTLE_RETRY_S, 1, time.monotonic()
         while True:
-            try:
-                await self._settle(message, action, patience_s)
-                if tries:
-                    log.info(
-                        "sink %s settled %s after %d failed tries",
-                        self._config.name, message.message_id, tries,
-                    )  # fmt: skip
+            log.debug("sink %s: settling %s failed (try %d): %s", name, event_id, tries, failure)
+            if not await self._waited(retry_s):
                 return
+            log.debug(
+                "sink %s: settling %s again (try %d), waiting up to %gs for its confirm",
+                name, event_id, tries + 1, SETTLE_PATIENCE_S,
+            )  # fmt: skip
+            settling = asyncio.ensure_future(self._settle(message, action, SETTLE_PATIENCE_S))
+            stopping = asyncio.ensure_future(self._stopping.wait())
+            await asyncio.wait({settling, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not settling.done():  # stopping: the delivery stays unsettled
+                settling.cancel()
+                with contextlib.suppress(BaseException):
+                    await settling
+                return
+            try:
+                settling.result()
             except PublishFailedError as exc:
-                tries += 1
-                log.debug(
-                    "sink %s: settling %s failed (try %d): %s",
-                    self._config.name, message.message_id, tries, exc,
-                )  # fmt: skip
+                tries, failure = tries + 1, exc
                 if time.monotonic() - warned_at >= SETTLE_WARN_EVERY_S:
                     warned_at = time.monotonic()
                     log.warning(
-                        "sink %s cannot settle %s yet (%d tries): %s; held, tried again in %gs",
-                        self._config.name, message.message_id, tries, exc, retry_s,
+                        "sink %s still cannot settle %s (%d tries): %s",
+                        name, event_id, tries, exc,
                     )  # fmt: skip
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=retry_s)
-            if self._stopping.is_set():
-                return
-            retry_s = min(retry_s * 2, SETTLE_RETRY_MAX_S)
-            patience_s = min(patience_s * 2, SETTLE_PATIENCE_MAX_S)
+                retry_s = min(retry_s * 2, SETTLE_RETRY_MAX_S)
+                continue
+            log.info("sink %s settled %s after %d failed tries", name, event_id, tries)
+            return
+
+    async def _waited(self, seconds: float) -> bool:
+        """Wait that long; False if the sink stops meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        return not self._stopping.is_set()
 
     async def _deliver(self, event: Event) -> DeliveryResult:
         # The routing key of the event itself, whichever way it came.

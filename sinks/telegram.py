@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,16 +18,28 @@ from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 
 from infra.masking import mask_phone
 from schemas import codec
-from sinks.alerts import DATABASE_ERRORS, AlertKey, AlertStore, Claim, Held, tried_hard
+from sinks.alerts import (
+    DATABASE_AWAY,
+    DATABASE_ERRORS,
+    AlertKey,
+    AlertStore,
+    Claim,
+    Held,
+    tried_hard,
+)
 from sinks.config import SinkConfig
 from sinks.port import DeliveryResult, Done, Event, GiveUp, RetryLater
 from sinks.telegram_text import followed_up_text, missed_call_text
 
 log = logging.getLogger(__name__)
 
-# Between tries of a release the alert's fate hangs on, once `tried_hard` failed.
+# Between tries of a release the alert's fate hangs on, once `tried_hard` failed. While the
+# database is away they go on until it answers; while it refuses the release (a trigger, a
+# permission), for this long at most, so that one alert does not hold up the sink for good.
 RELEASE_PAUSE_S = 1.0
 RELEASE_PAUSE_MAX_S = 30.0
+RELEASE_REFUSED_FOR_AT_MOST_S = 300.0
+RELEASE_WARN_EVERY_S = 60.0
 
 BOT_TOKEN = re.compile(r"\d+:[A-Za-z0-9_-]+")
 CHAT_ID = re.compile(r"-?\d+|@[A-Za-z][A-Za-z0-9_]{3,}")
@@ -235,21 +248,38 @@ class TelegramSink:
     async def _release_after_refusal(self, held: Held) -> None:
         """Telegram surely did not get it, but its request went out: until the release is
         stored, the claim reads as "may have arrived" and the alert would never be sent. So
-        the release is tried until it is stored, this delivery waiting meanwhile."""
+        the release is tried until it is stored, this delivery waiting meanwhile (a sink
+        stopped meanwhile leaves the claim as it is)."""
+        name, call_id = self._config.name, held.key.call_id
+        started = time.monotonic()
+        warned_at: float | None = None
         pause_s = RELEASE_PAUSE_S
         while True:
             try:
-                await self._release(held)
-                return
+                released = await tried_hard(lambda: self._store.release(held))
+                break
             except DATABASE_ERRORS as exc:
-                if pause_s == RELEASE_PAUSE_S:  # once per alert, not once per try
+                held_s = time.monotonic() - started
+                if not isinstance(exc, DATABASE_AWAY) and held_s >= RELEASE_REFUSED_FOR_AT_MOST_S:
+                    log.error(
+                        "telegram %s: the database refused to release the alert for call %s "
+                        "for %.0fs (%r): it stays claimed, reads as may have arrived, and is "
+                        "not sent", name, call_id, held_s, exc,
+                    )  # fmt: skip
+                    raise
+                if warned_at is None or time.monotonic() - warned_at >= RELEASE_WARN_EVERY_S:
+                    warned_at = time.monotonic()
                     log.warning(
                         "telegram %s: cannot release the alert for call %s, which Telegram "
-                        "refused (%r); holding it until the database answers",
-                        self._config.name, held.key.call_id, exc,
+                        "refused, for %.0fs (%r); holding it until the database takes it",
+                        name, call_id, held_s, exc,
                     )  # fmt: skip
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, RELEASE_PAUSE_MAX_S)
+        if warned_at is not None:
+            log.info("telegram %s: released the alert for call %s", name, call_id)
+        if not released:  # taken over or settled meanwhile: the retry finds out which
+            log.warning("telegram %s: the claim on call %s was no longer held", name, call_id)
 
     async def _note_sent(
         self, key: AlertKey, message_id: int, text: str, followed_up_by: str | None

@@ -503,8 +503,9 @@ async def test_an_alert_telegram_refused_is_sent_once_the_database_takes_its_rel
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Telegram surely refuses the alert (429), and the database refuses its release for
-    longer than a few tries: the release waits for the database, so the retry sends the
-    alert (not released, it would read as "may have arrived" and never be sent)."""
+    longer than a few tries, long enough for another delivery to expire the claim as
+    'unknown': the release waits for the database and still releases it, so the retry sends
+    the alert (not released, it would read as "may have arrived" and never be sent)."""
     fake, url = bot
     fake.script = ["429"]
     schema = f'"{settings.namespace}"'
@@ -526,6 +527,10 @@ async def test_an_alert_telegram_refused_is_sent_once_the_database_takes_its_rel
 
         await wait_for(release_failed, seconds=30, what="the release refused past its tries")
         assert [payload["text"].count("call r1") for payload in fake.sent()] == [1]
+        # Another delivery of the event found the claim past its lease (as EXPIRE_CLAIM does).
+        await db.execute(
+            f"UPDATE {schema}.telegram_alerts SET state = 'unknown' WHERE call_id = 'r1'"
+        )
     finally:
         await db.execute(f"DROP TRIGGER IF EXISTS refuse_releases ON {schema}.telegram_alerts")
 
