@@ -24,6 +24,7 @@ from schemas.topology import HEADER_ROUTING_KEY, Topology, routing_key_of, topic
 # failure leaves little to sort out (the rest is simply replayed again; receivers dedupe).
 IN_FLIGHT = 256
 SINK_PREFIX = "sink."
+DATABASE_SILENT_S = 60.0  # longest wait for one answer of the database during a replay
 DATABASE_DOWN = (
     OSError,
     TimeoutError,
@@ -177,13 +178,18 @@ async def replay_events(
     conn = await retry_until_done(
         "connecting to the database",
         lambda: asyncpg.connect(
-            database_url, server_settings={"application_name": "callpipe-replay-events"}
+            database_url,
+            server_settings={"application_name": "callpipe-replay-events"},
+            # A database gone silent (no reset) ends the replay with a --since to resume
+            # from, instead of a fetch that waits for TCP to give up.
+            command_timeout=DATABASE_SILENT_S,
         ),
         retry_on=DATABASE_DOWN,
     )
     publisher = await ConfirmedPublisher.open(connection, timeout_s)
     batch: list[_Outgoing] = []
     last_sent: datetime | None = None  # received_at of the last event confirmed
+    finished = False
     try:
         # One snapshot for the whole run; rows come in batches, never all at once.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -207,13 +213,16 @@ async def replay_events(
                     await _publish_batch(publisher, queue, batch, report)
                     last_sent, batch = batch[-1].received_at, []
             await _publish_batch(publisher, queue, batch, report)
+            finished = True
     except Exception as exc:
         if not (isinstance(exc, DATABASE_DOWN) or conn.is_closed()):
             raise
+        if finished:  # lost while ending a read-only snapshot: every event went out
+            return report
         # Lost midway (leaving the transaction on a closed connection fails in its own way:
         # the loss is what happened). The events go out in order: a replay from the first
         # one not sent sends the rest.
-        lost = exc.__context__ if isinstance(exc, asyncpg.InterfaceError) else exc
+        lost = (exc.__context__ or exc) if isinstance(exc, asyncpg.InterfaceError) else exc
         resume = batch[0].received_at if batch else last_sent or event_filter.since
         again = "run the replay again" + (f" with --since {resume.isoformat()}" if resume else "")
         raise SubscriptionError(

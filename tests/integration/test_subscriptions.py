@@ -476,6 +476,51 @@ def proxied_url(url: str, proxy: TcpProxy) -> str:
     return parts._replace(netloc=f"{netloc}127.0.0.1:{proxy.port}").geturl()
 
 
+async def replay_losing_the_database_at(
+    services: Services,
+    settings: Settings,
+    target: str,
+    event_id: str,
+) -> subscriptions.ReplayEventsReport | subscriptions.SubscriptionError:
+    """Replay every event to `target` two at a time, through links to the broker and the
+    database of the test's own; the database link drops while the publish of `event_id`
+    is held at the broker link. What the replay returned, or the error it stopped with."""
+    broker, database = urlsplit(services.amqp_url), urlsplit(services.database_url)
+    broker_link = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
+    database_link = TcpProxy(database.hostname or "127.0.0.1", database.port or 5432)
+    await broker_link.start()
+    await database_link.start()
+    connection = await aio_pika.connect_robust(proxied_url(services.amqp_url, broker_link))
+    try:
+        broker_link.freeze_at(event_id.encode())
+        replaying = asyncio.create_task(
+            subscriptions.replay_events(
+                connection,
+                proxied_url(settings.database_url, database_link),
+                settings.topology,
+                target,
+                subscriptions.EventFilter(),
+                timeout_s=10,
+                in_flight=2,
+            )
+        )
+
+        async def held() -> bool:
+            return broker_link.held(event_id.encode()) > 0
+
+        await wait_for(held, what=f"the publish of {event_id} at the broker link")
+        await database_link.cut()
+        broker_link.thaw()
+        try:
+            return await asyncio.wait_for(replaying, timeout=30)
+        except subscriptions.SubscriptionError as exc:
+            return exc
+    finally:
+        await connection.close()
+        await broker_link.cut()
+        await database_link.cut()
+
+
 async def test_a_replay_that_loses_the_database_says_where_to_resume(
     client: Client,
     services: Services,
@@ -489,49 +534,39 @@ async def test_a_replay_that_loses_the_database_says_where_to_resume(
     traceback) and from when to run it again, and that run sends every event not sent."""
     await store_events(client, settings, db, workers)
     order = await stored_order(db, settings)
-    queue_name = settings.topology.subscription_queue("dbloss")
-    queues.append(queue_name)
+    queues.append(settings.topology.subscription_queue("dbloss"))
     await subscriptions.subscribe(amqp, settings.topology, "dbloss", bind=["#"])
-    broker, database = urlsplit(services.amqp_url), urlsplit(services.database_url)
-    broker_link = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
-    database_link = TcpProxy(database.hostname or "127.0.0.1", database.port or 5432)
-    await broker_link.start()
-    await database_link.start()
-    connection = await aio_pika.connect_robust(proxied_url(services.amqp_url, broker_link))
-    try:
-        # The first batch's publishes wait at the broker link while the database link drops.
-        broker_link.freeze_at(order[0].encode())
-        replaying = asyncio.create_task(
-            subscriptions.replay_events(
-                connection,
-                proxied_url(settings.database_url, database_link),
-                settings.topology,
-                "dbloss",
-                subscriptions.EventFilter(),
-                timeout_s=10,
-                in_flight=2,
-            )
-        )
-
-        async def first_batch_held() -> bool:
-            return broker_link.held(order[0].encode()) > 0
-
-        await wait_for(first_batch_held, what="the first batch at the broker link")
-        await database_link.cut()
-        broker_link.thaw()
-        with pytest.raises(subscriptions.SubscriptionError) as lost:
-            await asyncio.wait_for(replaying, timeout=30)
-        message = str(lost.value)
-        assert message.startswith("lost the database"), message
-        assert "2 events were replayed" in message
-        resume = re.search(r"--since (\S+) ", message)
-        assert resume is not None, message
-    finally:
-        await connection.close()
-        await broker_link.cut()
-        await database_link.cut()
-
+    outcome = await replay_losing_the_database_at(services, settings, "dbloss", order[0])
+    assert isinstance(outcome, subscriptions.SubscriptionError), outcome
+    message = str(outcome)
+    assert message.startswith("lost the database ("), message
+    assert "2 events were replayed" in message
+    resume = re.search(r"--since (\S+) ", message)
+    assert resume is not None, message
+    queue_name = settings.topology.subscription_queue("dbloss")
     async with amqp.channel() as channel:
         assert [m.message_id for m in await drain(channel, queue_name, 2)] == order[:2]
         # The next event is unknown: from the last one sent on (again; receivers dedupe).
         await resume_sends_the_rest(amqp, channel, settings, "dbloss", resume.group(1), order[1:])
+
+
+async def test_a_replay_that_loses_the_database_after_its_last_event_is_done(
+    client: Client,
+    services: Services,
+    settings: Settings,
+    db: asyncpg.Pool,
+    workers: Workers,
+    amqp: AbstractRobustConnection,
+    queues: list[str],
+) -> None:
+    """Every event was read before the database went away: the replay is complete."""
+    await store_events(client, settings, db, workers)
+    order = await stored_order(db, settings)
+    queues.append(settings.topology.subscription_queue("lastloss"))
+    await subscriptions.subscribe(amqp, settings.topology, "lastloss", bind=["#"])
+    outcome = await replay_losing_the_database_at(services, settings, "lastloss", order[-1])
+    assert isinstance(outcome, subscriptions.ReplayEventsReport), outcome
+    assert outcome.replayed == len(order)
+    async with amqp.channel() as channel:
+        queue_name = settings.topology.subscription_queue("lastloss")
+        assert [m.message_id for m in await drain(channel, queue_name, len(order))] == order
