@@ -476,6 +476,23 @@ def proxied_url(url: str, proxy: TcpProxy) -> str:
     return parts._replace(netloc=f"{netloc}127.0.0.1:{proxy.port}").geturl()
 
 
+async def stored_for(
+    client: Client,
+    settings: Settings,
+    db: asyncpg.Pool,
+    workers: Workers,
+    amqp: AbstractRobustConnection,
+    queues: list[str],
+    target: str,
+) -> list[str]:
+    """Seven stored events (their ids in the order a replay sends them) and a subscription
+    `target` bound to every event, still empty."""
+    await store_events(client, settings, db, workers)
+    queues.append(settings.topology.subscription_queue(target))
+    await subscriptions.subscribe(amqp, settings.topology, target, bind=["#"])
+    return await stored_order(db, settings)
+
+
 async def replay_losing_the_database_at(
     services: Services,
     settings: Settings,
@@ -532,10 +549,7 @@ async def test_a_replay_that_loses_the_database_says_where_to_resume(
 ) -> None:
     """The database goes away after the first batch: the replay says so plainly (no
     traceback) and from when to run it again, and that run sends every event not sent."""
-    await store_events(client, settings, db, workers)
-    order = await stored_order(db, settings)
-    queues.append(settings.topology.subscription_queue("dbloss"))
-    await subscriptions.subscribe(amqp, settings.topology, "dbloss", bind=["#"])
+    order = await stored_for(client, settings, db, workers, amqp, queues, "dbloss")
     outcome = await replay_losing_the_database_at(services, settings, "dbloss", order[0])
     assert isinstance(outcome, subscriptions.SubscriptionError), outcome
     message = str(outcome)
@@ -560,10 +574,7 @@ async def test_a_replay_that_loses_the_database_after_its_last_event_is_done(
     queues: list[str],
 ) -> None:
     """Every event was read before the database went away: the replay is complete."""
-    await store_events(client, settings, db, workers)
-    order = await stored_order(db, settings)
-    queues.append(settings.topology.subscription_queue("lastloss"))
-    await subscriptions.subscribe(amqp, settings.topology, "lastloss", bind=["#"])
+    order = await stored_for(client, settings, db, workers, amqp, queues, "lastloss")
     outcome = await replay_losing_the_database_at(services, settings, "lastloss", order[-1])
     assert isinstance(outcome, subscriptions.ReplayEventsReport), outcome
     assert outcome.replayed == len(order)
