@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -96,11 +97,27 @@ async def refuse_call(
     )
 
 
+DEFAULT_PORTS = {"amqp": 5672, "postgresql": 5432, "postgres": 5432}
+
+
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a service; a test can cut, freeze or restore the link.
 
     The real broker and database stay untouched: only this test's path to them fails.
     """
+
+    @classmethod
+    def in_front_of(cls, url: str) -> TcpProxy:
+        """A proxy to the service at `url` (its host, and its port or the scheme's)."""
+        parts = urlsplit(url)
+        return cls(parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORTS[parts.scheme])
+
+    def route(self, url: str, query: str = "") -> str:
+        """`url` (its user, password and path) through this proxy, with `query` appended."""
+        parts = urlsplit(url)
+        credentials = parts.netloc.rpartition("@")[0]
+        netloc = f"{credentials}@127.0.0.1:{self.port}" if credentials else f"127.0.0.1:{self.port}"
+        return parts._replace(netloc=netloc).geturl() + query
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target_host = target_host

@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -31,8 +30,7 @@ CALL = codec.dumps({"id": "42", "caller": "79990009911"})
 
 @pytest.fixture
 async def broker_proxy(services: Services) -> AsyncIterator[TcpProxy]:
-    target = urlsplit(services.amqp_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(services.amqp_url)
     await proxy.start()
     try:
         yield proxy
@@ -41,9 +39,7 @@ async def broker_proxy(services: Services) -> AsyncIterator[TcpProxy]:
 
 
 def proxied_url(services: Services, proxy: TcpProxy) -> str:
-    target = urlsplit(services.amqp_url)
-    netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-    return target._replace(netloc=netloc).geturl() + "?reconnect_interval=0.5"
+    return proxy.route(services.amqp_url, "?reconnect_interval=0.5")
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -198,8 +197,7 @@ async def test_concurrent_duplicates_store_one_row_and_publish_one_event(
 async def proxies(services: Services) -> AsyncIterator[dict[str, TcpProxy]]:
     made = {}
     for name, url in (("amqp", services.amqp_url), ("db", services.database_url)):
-        target = urlsplit(url)
-        made[name] = TcpProxy(target.hostname or "127.0.0.1", target.port or 0)
+        made[name] = TcpProxy.in_front_of(url)
         await made[name].start()
     try:
         yield made
@@ -208,20 +206,13 @@ async def proxies(services: Services) -> AsyncIterator[dict[str, TcpProxy]]:
             await proxy.cut()
 
 
-def through(url: str, proxy: TcpProxy, query: str = "") -> str:
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    netloc = f"{credentials}@127.0.0.1:{proxy.port}" if credentials else f"127.0.0.1:{proxy.port}"
-    return parts._replace(netloc=netloc).geturl() + query
-
-
 @pytest.fixture
 def settings_through_db_proxy(
     services: Services, namespace: str, proxies: dict[str, TcpProxy]
 ) -> Settings:
     """Settings whose database is reached through this test's own proxy."""
     return make_settings(
-        services, namespace, database_url=through(services.database_url, proxies["db"])
+        services, namespace, database_url=proxies["db"].route(services.database_url)
     )
 
 
@@ -294,7 +285,7 @@ async def test_broker_drop_loses_nothing(
     settings = make_settings(
         services,
         namespace,
-        amqp_url=through(services.amqp_url, proxies["amqp"], "?reconnect_interval=0.5"),
+        amqp_url=proxies["amqp"].route(services.amqp_url, "?reconnect_interval=0.5"),
         publish_timeout_s=1.0,
     )
     workers.start(settings, "end")
@@ -484,7 +475,7 @@ async def test_sigterm_while_the_broker_is_unreachable_still_stops_the_worker(
     settings = make_settings(
         services,
         namespace,
-        amqp_url=through(services.amqp_url, proxies["amqp"], "?reconnect_interval=0.5"),
+        amqp_url=proxies["amqp"].route(services.amqp_url, "?reconnect_interval=0.5"),
     )
     stop = asyncio.Event()
     worker = asyncio.create_task(run_worker(settings, "end", stop))

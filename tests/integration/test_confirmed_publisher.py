@@ -8,7 +8,6 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import cast
-from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
@@ -327,11 +326,9 @@ async def test_a_publish_while_the_broker_is_away_fails_in_its_time_and_works_on
     """The link to the broker is gone and the connection keeps trying to reconnect: a
     publish, and a batch, fail within their timeout instead of waiting for the broker (the
     relay holds a database transaction meanwhile), and publish again once it is back."""
-    target = urlsplit(services.amqp_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(services.amqp_url)
     await proxy.start()
-    netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-    connection = await connect(target._replace(netloc=netloc).geturl(), name="cpt-away")
+    connection = await connect(proxy.route(services.amqp_url), name="cpt-away")
     try:
         publisher = await ConfirmedPublisher.open(connection, timeout_s=1)
         assert await publisher.publish_many(
@@ -391,11 +388,9 @@ async def test_publish_many_cancelled_after_a_confirm_still_reports_it(
     it, and `confirmed` holds exactly the messages confirmed by then (the relay names those
     as sent: they will go out again)."""
     name = f"cpt_cut_{uuid.uuid4().hex[:8]}"
-    target = urlsplit(services.amqp_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(services.amqp_url)
     await proxy.start()
-    netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-    connection = await connect(target._replace(netloc=netloc).geturl(), name="cpt-cut")
+    connection = await connect(proxy.route(services.amqp_url), name="cpt-cut")
     async with amqp.channel() as channel:
         await channel.declare_queue(name, auto_delete=False)
         try:

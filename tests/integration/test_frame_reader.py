@@ -35,12 +35,10 @@ async def connected(url: str, name: str) -> AsyncIterator[AbstractRobustConnecti
 async def through_proxy(
     services: Services, name: str
 ) -> AsyncIterator[tuple[TcpProxy, AbstractRobustConnection]]:
-    target = urlsplit(services.amqp_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(services.amqp_url)
     await proxy.start()
-    netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
     try:
-        async with connected(target._replace(netloc=netloc).geturl(), name) as connection:
+        async with connected(proxy.route(services.amqp_url), name) as connection:
             yield proxy, connection
     finally:
         await proxy.cut()  # closes the proxy's own server and links

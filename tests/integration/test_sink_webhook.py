@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -356,14 +355,12 @@ async def test_a_retry_whose_confirm_does_not_come_waits_for_it_and_a_stop_ends_
     fake, _, url = receiver
     fake.script["acme:p1:end"] = ["hang"]  # past the sink's 0.5 s: a retry to delay
     config = webhook_config(url, fake.secret, retry_delays_s=[0.3])
-    target = urlsplit(services.amqp_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(services.amqp_url)
     await proxy.start()
     try:
-        netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
         proxied = settings.model_copy(
             update={
-                "amqp_url": target._replace(netloc=netloc).geturl(),
+                "amqp_url": proxy.route(services.amqp_url),
                 "publish_timeout_s": 0.3,
                 "shutdown_timeout_s": 60.0,  # a stop that waited for the confirm would show
             }
@@ -424,12 +421,10 @@ async def test_a_sink_consumes_again_after_the_broker_link_drops(
     receiver: tuple[Receiver, FakeServer, str],
 ) -> None:
     fake, _, url = receiver
-    target = urlsplit(services.amqp_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5672)
+    proxy = TcpProxy.in_front_of(services.amqp_url)
     await proxy.start()
     try:
-        netloc = f"{target.username}:{target.password}@127.0.0.1:{proxy.port}"
-        proxied = settings.model_copy(update={"amqp_url": target._replace(netloc=netloc).geturl()})
+        proxied = settings.model_copy(update={"amqp_url": proxy.route(services.amqp_url)})
         await sinks.start(proxied, [webhook_config(url, fake.secret)])
         await publish_events(amqp, settings, [envelope("before")])
 
@@ -620,15 +615,11 @@ async def test_a_sink_that_fails_stops_the_others_before_its_error_is_raised(
     meanwhile): the webhook sink beside it stops and finishes, and no sink's task outlives
     `run_sinks`, which raises the failure."""
     fake, _, url = receiver
-    target = urlsplit(services.database_url)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
+    proxy = TcpProxy.in_front_of(services.database_url)
     await proxy.start()
     try:
         await proxy.cut()
-        netloc = f"{target.username}@127.0.0.1:{proxy.port}"
-        proxied = settings.model_copy(
-            update={"database_url": target._replace(netloc=netloc).geturl()}
-        )
+        proxied = settings.model_copy(update={"database_url": proxy.route(services.database_url)})
         missed = TelegramSinkConfig.model_validate(
             {"name": "missed", "bot_token": "123456:TEST-token", "chat_id": -100123}
         )

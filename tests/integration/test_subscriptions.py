@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -470,12 +469,6 @@ async def test_a_replay_cut_short_says_where_to_resume_and_resuming_sends_the_re
         await resume_sends_the_rest(amqp, channel, settings, "capped", resume.group(1), order[2:])
 
 
-def proxied_url(url: str, proxy: TcpProxy) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-    return parts._replace(netloc=f"{netloc}127.0.0.1:{proxy.port}").geturl()
-
-
 async def stored_for(
     client: Client,
     settings: Settings,
@@ -502,18 +495,17 @@ async def replay_losing_the_database_at(
     """Replay every event to `target` two at a time, through links to the broker and the
     database of the test's own; the database link drops while the publish of `event_id`
     is held at the broker link. What the replay returned, or the error it stopped with."""
-    broker, database = urlsplit(services.amqp_url), urlsplit(services.database_url)
-    broker_link = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
-    database_link = TcpProxy(database.hostname or "127.0.0.1", database.port or 5432)
+    broker_link = TcpProxy.in_front_of(services.amqp_url)
+    database_link = TcpProxy.in_front_of(services.database_url)
     await broker_link.start()
     await database_link.start()
-    connection = await aio_pika.connect_robust(proxied_url(services.amqp_url, broker_link))
+    connection = await aio_pika.connect_robust(broker_link.route(services.amqp_url))
     try:
         broker_link.freeze_at(event_id.encode())
         replaying = asyncio.create_task(
             subscriptions.replay_events(
                 connection,
-                proxied_url(settings.database_url, database_link),
+                database_link.route(settings.database_url),
                 settings.topology,
                 target,
                 subscriptions.EventFilter(),

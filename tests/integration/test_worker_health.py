@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import aiohttp
@@ -112,21 +111,13 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 async def proxies(services: Services) -> AsyncIterator[dict[str, TcpProxy]]:
     made = {}
     for name, url in (("amqp", services.amqp_url), ("db", services.database_url)):
-        target = urlsplit(url)
-        made[name] = TcpProxy(target.hostname or "127.0.0.1", target.port or 0)
+        made[name] = TcpProxy.in_front_of(url)
         await made[name].start()
     try:
         yield made
     finally:
         for proxy in made.values():
             await proxy.cut()
-
-
-def through(url: str, proxy: TcpProxy, query: str = "") -> str:
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    netloc = f"{credentials}@127.0.0.1:{proxy.port}" if credentials else f"127.0.0.1:{proxy.port}"
-    return parts._replace(netloc=netloc).geturl() + query
 
 
 @pytest.fixture
@@ -136,8 +127,8 @@ def proxied(services: Services, namespace: str, proxies: dict[str, TcpProxy]) ->
         services,
         namespace,
         metrics_port=free_port(),
-        amqp_url=through(services.amqp_url, proxies["amqp"], "?reconnect_interval=0.5"),
-        database_url=through(services.database_url, proxies["db"]),
+        amqp_url=proxies["amqp"].route(services.amqp_url, "?reconnect_interval=0.5"),
+        database_url=proxies["db"].route(services.database_url),
         publish_timeout_s=2.0,
     )
 
