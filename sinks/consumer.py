@@ -189,11 +189,7 @@ class SinkConsumer:
 
     async def _paused(self) -> bool:
         """Wait out a destination's "slow down"; False if the sink stops meanwhile."""
-        wait = self._resume_at - time.monotonic()
-        if wait > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=wait)
-        return not self._stopping.is_set()
+        return await self._waited(max(self._resume_at - time.monotonic(), 0.0))
 
     async def _settle(
         self, message: AbstractIncomingMessage, action: SinkAction, timeout_s: float
