@@ -10,6 +10,9 @@ pamqp still decodes each one, as in aiormq.
 global `aiormq.connection.FrameReceiver`), for every connection the process opens from then
 on, reconnects included. Where the installed aiormq is not shaped as expected, aiormq keeps
 its own receiver and `install()` says so.
+
+The frames a consumer receives most (a delivery's three, and publish confirms) are decoded by
+`infra.amqp_decode` into the same pamqp objects; pamqp decodes the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import aiormq.connection
 import pamqp.frame
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from pamqp.exceptions import PAMQPException
+
+from infra.amqp_decode import decode_frame
 
 READ_SIZE = 256 * 1024
 PROTOCOL_HEADER = b"AMQP"  # what a broker sends instead of a frame when it refuses the protocol
@@ -55,6 +60,9 @@ class BulkFrameReceiver(AIORMQ_RECEIVER):
         frame = self._buffer[self._start : end]
         self._start = end
         self.started = True
+        decoded = decode_frame(frame)
+        if decoded is not None:
+            return decoded
         try:
             return pamqp.frame.unmarshal(frame)
         except PAMQPException as exc:
