@@ -2,7 +2,9 @@
 
 aio-pika turns each delivery into an `IncomingMessage` and runs the callback in a task of its
 own: ~30 µs a delivery, a tenth of a worker's CPU. Here a delivery is a `Delivery` (the few
-fields a consumer reads), handed to the callback from the task aiormq runs it in anyway.
+fields a consumer reads), handed to the callback straight from the connection's frame
+receiver (`infra.direct_deliveries`), or, where aiormq reads the frames its own way, from the
+task aiormq runs it in.
 
 aio-pika still owns the connection. After a reconnect it reopens the channel with its
 prefetch and declares its queues and bindings again; the channel's reopen callback then
@@ -17,11 +19,14 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, HeadersType
 from aiormq.abc import DeliveredMessage
+
+from infra import direct_deliveries
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +45,20 @@ class Delivery:
     channel: aiormq.abc.AbstractChannel  # the protocol channel it came on
 
     @classmethod
-    def of(cls, message: DeliveredMessage) -> Delivery:
-        properties = message.header.properties
-        deliver = cast(aiormq.spec.Basic.Deliver, message.delivery)  # what a consumer gets
+    def of(
+        cls,
+        channel: aiormq.abc.AbstractChannel,
+        deliver: aiormq.spec.Basic.Deliver,
+        properties: aiormq.spec.Basic.Properties,
+        body: bytes,
+    ) -> Delivery:
         return cls(
-            message.body,
+            body,
             properties.headers or {},
             properties.message_id,
             deliver.routing_key or "",
             deliver.delivery_tag or 0,
-            message.channel,
+            channel,
         )
 
     async def ack(self) -> None:
@@ -118,31 +127,55 @@ class DirectConsumer:
             return
         protocol_channel, tag = self._consuming
         self._consuming = None
-        async with asyncio.timeout(timeout_s):
-            await protocol_channel.basic_cancel(tag)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await protocol_channel.basic_cancel(tag)
+        finally:
+            direct_deliveries.unroute(tag)
 
     async def _consume(self) -> None:
         protocol_channel = await self._channel.get_underlay_channel()
         protocol_channel.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-        consume_ok = await protocol_channel.basic_consume(self._queue, self._deliver)
-        if consume_ok.consumer_tag is None:  # pamqp types it optional; the broker always sets it
-            raise aiormq.exceptions.AMQPError("basic.consume-ok without a consumer tag")
-        self._consuming = (protocol_channel, consume_ok.consumer_tag)
+        tag = direct_deliveries.new_consumer_tag(protocol_channel.number)
+        # Routed before the consume: every delivery then comes the same way, in order.
+        direct_deliveries.route(tag, protocol_channel.number, partial(self._take, protocol_channel))
+        try:
+            await protocol_channel.basic_consume(self._queue, self._deliver, consumer_tag=tag)
+        except BaseException:
+            direct_deliveries.unroute(tag)
+            raise
+        self._consuming = (protocol_channel, tag)
+
+    def _take(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        deliver: aiormq.spec.Basic.Deliver,
+        properties: aiormq.spec.Basic.Properties,
+        body: bytes,
+    ) -> None:
+        if self._on_delivery is not None:
+            self._on_delivery(Delivery.of(channel, deliver, properties, body))
 
     async def _deliver(self, message: DeliveredMessage) -> None:
-        if self._on_delivery is not None:
-            self._on_delivery(Delivery.of(message))
+        """aiormq's way, where it reads the frames itself (`infra.frame_reader.install`)."""
+        deliver = cast(aiormq.spec.Basic.Deliver, message.delivery)  # what a consumer gets
+        self._take(message.channel, deliver, message.header.properties, message.body)
+
+    def _forget_consumer(self) -> None:
+        if self._consuming is not None:
+            direct_deliveries.unroute(self._consuming[1])
+            self._consuming = None
 
     def _on_reopen(self, _channel: Any) -> None:
         # aio-pika has declared the queue again by now: consume on the new protocol channel.
-        self._consuming = None
+        self._forget_consumer()
         self._resubscribe("channel reopened; subscribing again", redeclare=False)
 
     def _on_broker_cancel(self, frame: aiormq.spec.Basic.Cancel) -> None:
         if self._consuming is None or frame.consumer_tag != self._consuming[1]:
             return
         log.warning("the broker cancelled the consumer of %s; subscribing again", self._queue)
-        self._consuming = None
+        self._forget_consumer()
         self._resubscribe("consumer cancelled by the broker; subscribing again", redeclare=True)
 
     def _resubscribe(self, because: str, *, redeclare: bool) -> None:

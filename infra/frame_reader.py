@@ -23,15 +23,18 @@ import struct
 import aiormq.connection
 import pamqp.frame
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
+from pamqp import heartbeat
 from pamqp.exceptions import PAMQPException
 
 from infra.amqp_decode import decode_frame
+from infra.direct_deliveries import DeliveryTaker
 
 READ_SIZE = 256 * 1024
 PROTOCOL_HEADER = b"AMQP"  # what a broker sends instead of a frame when it refuses the protocol
 _FRAME_HEAD = struct.Struct(">BHI")  # type, channel, payload size (AMQP 0-9-1 section 4.2.3)
 _FRAME_OVERHEAD = _FRAME_HEAD.size + 1  # the head before the payload, the end octet after it
 AIORMQ_RECEIVER = aiormq.connection.FrameReceiver  # the one this module was written against
+SIGN_OF_LIFE: aiormq.connection.ReceivedFrame = (_FRAME_OVERHEAD, 0, heartbeat.Heartbeat())
 
 
 def frame_end(buffer: bytes, start: int) -> int | None:
@@ -45,28 +48,33 @@ def frame_end(buffer: bytes, start: int) -> int | None:
 
 
 class BulkFrameReceiver(AIORMQ_RECEIVER):
-    """aiormq's `FrameReceiver` with the same frames and errors, read in bulk."""
+    """aiormq's `FrameReceiver` with the same frames and errors, read in bulk; the frames of
+    deliveries to a routed consumer (`infra.direct_deliveries`) go to it instead."""
 
     def __init__(self, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
         self._buffer = b""
         self._start = 0  # where the next frame begins in `_buffer`
+        self._deliveries = DeliveryTaker()
 
     async def get_frame(self) -> aiormq.connection.ReceivedFrame:
-        end = frame_end(self._buffer, self._start)
-        while end is None:
-            await self._read_more()
+        took = False
+        while True:
             end = frame_end(self._buffer, self._start)
-        frame = self._buffer[self._start : end]
-        self._start = end
-        self.started = True
-        decoded = decode_frame(frame)
-        if decoded is not None:
-            return decoded
-        try:
-            return pamqp.frame.unmarshal(frame)
-        except PAMQPException as exc:
-            raise InvalidFrameError(str(exc)) from exc
+            if end is None:
+                if took:
+                    # Frames came, all taken: aiormq hears of them as a heartbeat, the sign of
+                    # life its stuck-connection check waits for, with nothing else to do.
+                    return SIGN_OF_LIFE
+                await self._read_more()
+                continue
+            frame = self._buffer[self._start : end]
+            self._start = end
+            self.started = True
+            received = _unmarshal(frame)
+            if not self._deliveries.take(received[1], received[2]):
+                return received
+            took = True
 
     async def _read_more(self) -> None:
         partial = self._buffer[self._start :]
@@ -84,6 +92,16 @@ class BulkFrameReceiver(AIORMQ_RECEIVER):
             )
         self._buffer = partial + chunk
         self._start = 0
+
+
+def _unmarshal(frame: bytes) -> aiormq.connection.ReceivedFrame:
+    decoded = decode_frame(frame)
+    if decoded is not None:
+        return decoded
+    try:
+        return pamqp.frame.unmarshal(frame)
+    except PAMQPException as exc:
+        raise InvalidFrameError(str(exc)) from exc
 
 
 def install() -> bool:

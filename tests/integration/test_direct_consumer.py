@@ -1,28 +1,41 @@
 """Consuming on the protocol channel under aio-pika's robust channel, on the real broker:
-deliveries, settling, and consuming again after a reopen or a cancel by the broker."""
+deliveries, settling, and consuming again after a reopen or a cancel by the broker. Each test
+runs with the frames read by callpipe's receiver (deliveries taken straight from them) and by
+aiormq's own (deliveries through aiormq's channel)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
+import aiormq.connection
 import pytest
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from callpipe_testing import wait_for
+from conftest import Services
 
+from infra import direct_deliveries, frame_reader
 from infra.broker import declare_topology
 from infra.direct_consumer import Delivery, DirectConsumer
+from infra.frame_reader import BulkFrameReceiver
 from schemas.topology import Topology
 
 
+@pytest.fixture(params=["callpipe", "aiormq"])
+def frames_read_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which receiver reads the frames of the connections opened from now on."""
+    receiver = BulkFrameReceiver if request.param == "callpipe" else frame_reader.AIORMQ_RECEIVER
+    monkeypatch.setattr(aiormq.connection, "FrameReceiver", receiver)
+    return str(request.param)
+
+
 @pytest.fixture
-async def channel(amqp: AbstractRobustConnection) -> AsyncIterator[AbstractRobustChannel]:
-    opened = await amqp.channel()
-    assert isinstance(opened, AbstractRobustChannel)
-    try:
+async def channel(services: Services, frames_read_by: str) -> AsyncIterator[AbstractRobustChannel]:
+    """A channel on a connection of its own, read by `frames_read_by`."""
+    async with await aio_pika.connect_robust(services.amqp_url, timeout=10) as connection:
+        opened = await connection.channel()
+        assert isinstance(opened, AbstractRobustChannel)
         yield opened
-    finally:
-        await opened.close()
 
 
 class Received:
@@ -99,6 +112,47 @@ async def test_a_delivery_carries_what_a_consumer_reads_and_acks_on_its_channel(
     assert await queued(amqp, topology) == (0, 0)
 
 
+async def test_with_callpipe_s_receiver_deliveries_skip_aiormq_s_channel(
+    amqp: AbstractRobustConnection,
+    channel: AbstractRobustChannel,
+    running: Running,
+    frames_read_by: str,
+) -> None:
+    """Taken from the frames: aiormq's consumer callback (a task a delivery) sees none."""
+    topology, consumer, received = running
+    protocol_channel = await channel.get_underlay_channel()
+    assert isinstance(protocol_channel, aiormq.Channel)
+    [tag] = protocol_channel.consumers
+    through_aiormq: list[object] = []
+
+    async def noted(message: object) -> None:
+        through_aiormq.append(message)
+
+    protocol_channel.consumers[tag] = noted
+    await publish(amqp, topology, "acme:1:end")
+    await publish(amqp, topology, "acme:2:end")
+    if frames_read_by == "callpipe":
+        await wait_for(received.arrived(2), what="the deliveries, from the frames")
+        assert through_aiormq == []
+        assert [delivery.message_id for delivery in received.deliveries] == [
+            "acme:1:end",
+            "acme:2:end",
+        ]
+        for delivery in received.deliveries:
+            await delivery.ack()
+    else:
+
+        async def through_the_channel() -> bool:
+            return len(through_aiormq) == 2
+
+        await wait_for(through_the_channel, what="the deliveries, through aiormq's channel")
+        assert received.deliveries == []
+        await protocol_channel.basic_ack(2, multiple=True)
+    assert direct_deliveries.is_routed(tag)
+    await consumer.stop(timeout_s=5)
+    assert not direct_deliveries.is_routed(tag)
+
+
 async def test_a_nacked_delivery_comes_again(
     amqp: AbstractRobustConnection, running: Running
 ) -> None:
@@ -123,6 +177,7 @@ async def test_it_consumes_again_when_the_broker_closed_the_channel(
         return consumer.not_consuming is None and await queued(amqp, topology) == (0, 1)
 
     await wait_for(consuming_again, what="a consumer on the reopened channel")
+    assert not any(direct_deliveries.is_routed(tag) for tag in first.consumers)
     await publish(amqp, topology, "acme:2:end")
     await wait_for(received.arrived(1), what="a delivery on the reopened channel")
     assert received.deliveries[0].channel is not first
@@ -177,10 +232,11 @@ async def test_after_a_stop_nothing_is_delivered_even_after_a_reopen(
     assert received.deliveries == []
 
 
-async def closed_by_the_broker(channel: AbstractRobustChannel) -> object:
+async def closed_by_the_broker(channel: AbstractRobustChannel) -> aiormq.Channel:
     """Make the broker close `channel`'s protocol channel (an ack of a delivery tag it never
     sent); the closed one, once it is closed. aio-pika reopens the channel after it."""
     protocol_channel = await channel.get_underlay_channel()
+    assert isinstance(protocol_channel, aiormq.Channel)
     await protocol_channel.basic_ack(10**6)
 
     async def closed() -> bool:
