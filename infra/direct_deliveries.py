@@ -85,7 +85,8 @@ class DeliveryTaker:
             # its channel). The delivery stays unacked, and comes again when the channel ends.
             del self._content[channel]
             log.error(
-                "channel %d: %r came inside a delivery's content; delivery dropped",
+                "channel %d: %s came inside a delivery's content (a protocol error); the "
+                "delivery is left unacked",
                 channel,
                 type(frame).__name__,
             )
