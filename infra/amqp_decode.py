@@ -133,9 +133,7 @@ def _content_header(data: bytes, offset: int, end: int) -> header.ContentHeader:
     for name, flag, kind in _PROPERTIES:
         if flags & flag:
             if kind == "s":
-                length = data[offset]
-                offset += 1 + length
-                value = data[offset - length : offset].decode("utf-8")
+                value, offset = _short_string(data, offset)
             elif kind == "t":
                 value, offset = _field_table(data, offset)
             else:
@@ -161,13 +159,12 @@ def _field_table(data: bytes, offset: int) -> tuple[dict[str, Any], int]:
     table_end = offset + length
     table: dict[str, Any] = {}
     while offset < table_end:
-        length = data[offset]
-        offset += 1 + length
-        key = data[offset - length : offset].decode("utf-8")
+        key, offset = _short_string(data, offset)
         if data[offset] == 0x53:  # 'S'
             (size,) = _LONG.unpack_from(data, offset + 1)
-            offset += 5 + size
-            raw = data[offset - size : offset]
+            start = offset + 1 + _LONG.size
+            raw = data[start : start + size]
+            offset = start + size
             try:
                 table[key] = raw.decode("utf-8")
             except UnicodeDecodeError:
