@@ -3,8 +3,7 @@
 aiormq's own receiver reads each frame with three `readexactly` calls into a `BytesIO`, under
 a lock. A worker reads four frames a webhook (the delivery's method, header and body, and
 its event's confirm), and that reading was a tenth of its CPU. `BulkFrameReceiver` takes
-what the socket has, up to `READ_SIZE` bytes at a time, and cuts the frames out of it;
-pamqp still decodes each one, as in aiormq.
+what the socket has, up to `READ_SIZE` bytes at a time, and cuts the frames out of it.
 
 `install()` puts it where aiormq's `Connection.connect` looks for its receiver (the module
 global `aiormq.connection.FrameReceiver`), for every connection the process opens from then
@@ -12,7 +11,8 @@ on, reconnects included. Where the installed aiormq is not shaped as expected, a
 its own receiver and `install()` says so.
 
 The frames a consumer receives most (a delivery's three, and publish confirms) are decoded by
-`infra.amqp_decode` into the same pamqp objects; pamqp decodes the rest.
+`infra.amqp_decode` into the same pamqp objects; pamqp decodes the rest, as in aiormq. The
+frames of deliveries to a routed consumer go to it (`infra.direct_deliveries`), not to aiormq.
 """
 
 from __future__ import annotations
